@@ -1,0 +1,194 @@
+"""The ``cxrfl`` command: one subcommand per step of the pipeline (see ``cxrfl --help``)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Sequence
+
+# Nothing we start phones home unless the user asks for it.
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def _key_value(text: str) -> tuple[str, str]:
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"expected FIELD=COLUMN, got {text!r}")
+    key, value = text.split("=", 1)
+    return key.strip(), value.strip()
+
+
+def _csv_list(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def summarize_card(card: dict) -> str:
+    """A few human lines about a dataset card."""
+    counts = card["counts"]
+    size = card.get("image_size", {})
+    lines = [
+        f"dataset {card['name']!r}: {card['num_rows']} images, {card.get('num_masks', 0)} masks, "
+        f"{card.get('num_skipped', 0)} skipped",
+        f"  labels: {counts['label']}",
+        f"  splits: {counts['split']}",
+        f"  sites:  {counts['site']}",
+    ]
+    if size:
+        lines.append(
+            f"  size:   height {size['height']['min']}-{size['height']['max']}, "
+            f"width {size['width']['min']}-{size['width']['max']}, bit depth {size['bit_depth']}"
+        )
+    for s in card.get("skipped", [])[:10]:
+        lines.append(f"  skipped {s['path']}: {s['reason']}")
+    if card.get("num_skipped", 0) > 10:
+        lines.append(f"  ... {card['num_skipped'] - 10} more in skipped.csv")
+    return "\n".join(lines)
+
+
+# -- subcommands -----------------------------------------------------------------------------
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    from cxrfl_ray.data.synth import write_synthetic_dataset
+
+    card = write_synthetic_dataset(
+        args.out, n=args.n, sites=args.sites, size=args.size, seed=args.seed,
+        label_marker=args.label_marker, progress=not args.quiet,
+    )
+    print(summarize_card(card))
+    print(f"wrote {Path(args.out).resolve()}")
+    return 0
+
+
+def cmd_ingest(args: argparse.Namespace) -> int:
+    from cxrfl_ray.data.ingest import LAYOUTS, IngestOptions, ingest
+    from cxrfl_ray.data.ingest.rsna import LABEL_NAMES as RSNA_LABELS
+
+    root = Path(args.source)
+    source = args.name or root.resolve().name
+    kwargs: dict = {"source": source}
+    if args.layout in ("manifest", "lungseg"):
+        kwargs.update(columns=dict(args.column or []), csv=args.csv, images=args.images)
+        kwargs.update(masks=args.masks)
+        if args.unlabeled is not None:
+            kwargs["unlabeled"] = args.unlabeled
+    elif args.layout == "rsna":
+        kwargs.update(images=args.images)
+    entries = LAYOUTS[args.layout](root, **kwargs)
+    labels = args.labels or (list(RSNA_LABELS) if args.layout == "rsna" else None)
+    options = IngestOptions(
+        label_names=labels, max_size=args.max_size, strict=args.strict, val_frac=args.val_frac,
+        test_frac=args.test_frac, seed=args.seed, resize_masks=args.resize_masks,
+        workers=args.workers, progress=not args.quiet,
+    )
+    sources = [{"layout": args.layout, "path": str(root.resolve())}]
+    card = ingest(entries, args.out, name=args.name or source, source=source, options=options, sources=sources)
+    print(summarize_card(card))
+    print(f"wrote {Path(args.out).resolve()}")
+    return 0
+
+
+def cmd_card(args: argparse.Namespace) -> int:
+    from cxrfl_ray.data.store import open_dataset
+
+    card = open_dataset(args.dataset).card
+    print(json.dumps(card, indent=2) if args.json else summarize_card(card))
+    return 0
+
+
+def cmd_partition(args: argparse.Namespace) -> int:
+    from cxrfl_ray.data.partition import format_counts, plan_partition
+    from cxrfl_ray.data.store import open_dataset
+
+    ds = open_dataset(args.dataset)
+    scheme_args = {k: v for k, v in (("alpha", args.alpha), ("power", args.power), ("min_size", args.min_size)) if v is not None}
+    plan = plan_partition(
+        ds, args.scheme, args.clients, args.seed, holdout_sites=args.holdout_sites or (),
+        train_splits=args.train_splits, **scheme_args,
+    )
+    default = Path("plans") / f"{ds.card['name']}-{args.scheme}-{args.clients}-s{args.seed}.json"
+    out = Path(args.out) if args.out else default
+    plan.save(out)
+    print(format_counts(plan.counts(ds.metadata, ds.label_names), ds.label_names, limit=args.show))
+    for name, ids in {**plan.central, **{f"holdout:{k}": v for k, v in plan.holdout.items()}}.items():
+        print(f"  central {name}: {ids.size} rows")
+    print(f"wrote {out.resolve()}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cxrfl", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("synth", help="write a dataset of synthetic chest X-ray phantoms with lung masks")
+    p.add_argument("--out", required=True, help="dataset folder to write (replaced atomically)")
+    p.add_argument("--n", type=int, default=2000, help="number of images (default 2000)")
+    p.add_argument("--sites", type=int, default=4, help="number of sites, each with its own look (default 4)")
+    p.add_argument("--size", type=int, default=256, help="image side in pixels (default 256)")
+    p.add_argument("--seed", type=int, default=0, help="seed: same seed, same bytes (default 0)")
+    p.add_argument("--label-marker", type=float, default=0.0,
+                   help="probability of a spurious marker on Lung Opacity images (default 0)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_synth)
+
+    p = sub.add_parser("ingest", help="turn a folder of real chest X-rays into a dataset")
+    p.add_argument("layout", choices=["manifest", "lungseg", "rsna", "folders"], help="source layout")
+    p.add_argument("source", help="source folder")
+    p.add_argument("--out", required=True, help="dataset folder to write (replaced atomically)")
+    p.add_argument("--name", help="dataset/source name (default: the source folder's name)")
+    p.add_argument("--csv", type=Path, help="label CSV (default SOURCE/labels.csv)")
+    p.add_argument("--images", type=Path, help="image folder (default: guessed from the layout)")
+    p.add_argument("--masks", type=Path, help="mask folder (default: guessed from the layout)")
+    p.add_argument("--column", type=_key_value, action="append", metavar="FIELD=COLUMN",
+                   help="map a CSV column to a field, e.g. patient_id=patientid (repeatable)")
+    p.add_argument("--labels", type=_csv_list, help="label set in index order, comma-separated (default: inferred)")
+    p.add_argument("--unlabeled", type=lambda s: s.split(","), help="label values meaning 'no label' (default: unknown,none,nan,'')")
+    p.add_argument("--max-size", type=int, help="downscale so the longer side is at most N pixels")
+    p.add_argument("--val-frac", type=float, default=0.1, help="patient share for val where the source has no split")
+    p.add_argument("--test-frac", type=float, default=0.2, help="patient share for test where the source has no split")
+    p.add_argument("--seed", type=int, default=0, help="seed for the patient-level split")
+    p.add_argument("--resize-masks", action="store_true", help="resize masks whose size differs from the image")
+    p.add_argument("--strict", action="store_true", help="any skipped file is an error")
+    p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="decoding threads")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_ingest)
+
+    p = sub.add_parser("card", help="print a dataset's card")
+    p.add_argument("dataset")
+    p.add_argument("--json", action="store_true", help="the whole card as JSON")
+    p.set_defaults(func=cmd_card)
+
+    p = sub.add_parser("partition", help="plan clients over a dataset's rows and print the plan")
+    p.add_argument("dataset")
+    p.add_argument("--scheme", choices=["iid", "dirichlet", "quantity", "site"], default="iid")
+    p.add_argument("--clients", type=int, required=True, help="number of clients")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--alpha", type=float, help="dirichlet concentration (smaller = more skew)")
+    p.add_argument("--power", type=float, help="quantity power-law exponent (larger = more skew)")
+    p.add_argument("--min-size", type=int, help="minimum patients per client (default 1)")
+    p.add_argument("--holdout-sites", type=_csv_list, help="sites that never train, comma-separated")
+    p.add_argument("--train-splits", type=_csv_list, default=["train"], help="splits that train (default train)")
+    p.add_argument("--out", help="plan file (default plans/NAME-SCHEME-N-sSEED.json)")
+    p.add_argument("--show", type=int, default=20, help="clients to list (default 20)")
+    p.set_defaults(func=cmd_partition)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from cxrfl_ray.data.ingest.pipeline import IngestError
+    from cxrfl_ray.data.partition import PartitionError
+    from cxrfl_ray.data.store import DatasetError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (IngestError, PartitionError, DatasetError, FileExistsError, ValueError) as exc:
+        print(f"cxrfl {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

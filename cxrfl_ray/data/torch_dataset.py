@@ -1,0 +1,175 @@
+"""A ``torch.utils.data.Dataset`` over one client's rows: decode, resize, augment (seeded).
+
+Only the client's rows are read (the row groups that hold them), and lazily, so the object is
+cheap to pickle into a Ray actor or a DataLoader worker. Augmentation parameters come from a
+generator seeded by (seed, epoch, row id): the same config gives the same batches whatever the
+worker count or order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, Sequence
+
+import numpy as np
+import torch
+import torchvision.transforms.v2.functional as F
+from torch.utils.data import Dataset
+
+from cxrfl_ray.data.imageio import decode_png
+from cxrfl_ray.data.store import StoredDataset, open_dataset
+
+Task = Literal["classification", "segmentation"]
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class Augment:
+    """Ranges of the random transforms (each drawn uniformly per sample)."""
+
+    rotate: float = 0.0  # degrees, +-
+    scale: tuple[float, float] = (1.0, 1.0)
+    shear: float = 0.0  # degrees, +-
+    hflip: float = 0.0  # probability
+    vflip: float = 0.0
+    brightness: float = 0.0  # +- factor around 1
+    contrast: float = 0.0
+
+
+# The paper's augmentations (CXR-FL, Slazyk et al. 2022).
+AUGMENTS: dict[str, Augment] = {
+    "segmentation": Augment(rotate=90, scale=(1.0, 2.0), hflip=0.5, vflip=0.5, brightness=0.2, contrast=0.2),
+    "classification": Augment(rotate=5, scale=(0.95, 1.05), shear=5, hflip=0.5),
+}
+
+
+class ClientImages(Dataset):
+    """Images (and labels or masks) of ``row_ids`` of a stored dataset.
+
+    Parameters
+    ----------
+    dataset : dataset folder or an open StoredDataset.
+    row_ids : the rows this client holds (a plan entry).
+    task : ``classification`` yields (image, label); ``segmentation`` yields (image, mask).
+    size : output side in pixels (images are resized to size x size).
+    augment : apply the task's paper augmentations (or a custom ``Augment``).
+    seed : seed for augmentation; call ``set_epoch`` to vary it per epoch.
+    channels : 1, or 3 (grey repeated, as ImageNet-pretrained models expect).
+    imagenet_norm : normalise with ImageNet mean/std (else pixels stay in [0, 1]).
+    """
+
+    def __init__(
+        self,
+        dataset: str | Path | StoredDataset,
+        row_ids: Sequence[int] | np.ndarray,
+        *,
+        task: Task = "classification",
+        size: int = 256,
+        augment: bool | Augment = False,
+        seed: int = 0,
+        channels: int = 1,
+        imagenet_norm: bool = False,
+    ) -> None:
+        if task not in AUGMENTS:
+            raise ValueError(f"task must be one of {sorted(AUGMENTS)}, got {task!r}")
+        if channels not in (1, 3):
+            raise ValueError(f"channels must be 1 or 3, got {channels}")
+        self.path = Path(dataset.path if isinstance(dataset, StoredDataset) else dataset)
+        self.row_ids = np.asarray(row_ids, dtype=np.int64)
+        self.task = task
+        self.size = size
+        self.augment = AUGMENTS[task] if augment is True else (augment or None)
+        self.seed = seed
+        self.epoch = 0
+        self.channels = channels
+        self.imagenet_norm = imagenet_norm
+        self._rows = None
+
+    def __len__(self) -> int:
+        return int(self.row_ids.size)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_rows"] = None  # re-read lazily where the dataset lands
+        return state
+
+    @property
+    def rows(self):
+        if self._rows is None:
+            columns = ["id", "image", "label"] + (["mask"] if self.task == "segmentation" else [])
+            rows = open_dataset(self.path).take(self.row_ids, columns)
+            if self.task == "segmentation":
+                missing = rows.column("mask").null_count
+                if missing:
+                    first = rows.column("id")[rows.column("mask").is_null().index(True).as_py()]
+                    raise ValueError(
+                        f"{self.path}: {missing} of {rows.num_rows} rows have no lung mask "
+                        f"(first: {first}); segmentation needs masks"
+                    )
+            self._rows = rows
+        return self._rows
+
+    def labels(self) -> np.ndarray:
+        return self.rows.column("label").to_numpy()
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = self.rows
+        image = _to_tensor(decode_png(rows.column("image")[index].as_py()))
+        image = F.resize(image, [self.size, self.size], antialias=True)
+        mask = None
+        if self.task == "segmentation":
+            raw = decode_png(rows.column("mask")[index].as_py())
+            mask = torch.from_numpy(raw > 127).unsqueeze(0).to(torch.uint8)
+            mask = F.resize(mask, [self.size, self.size], interpolation=F.InterpolationMode.NEAREST)
+        if self.augment is not None:
+            rng = np.random.default_rng([self.seed, self.epoch, int(self.row_ids[index])])
+            image, mask = _apply(self.augment, rng, image, mask)
+        if self.channels == 3:
+            image = image.expand(3, -1, -1).contiguous()
+        if self.imagenet_norm:
+            mean = torch.tensor(IMAGENET_MEAN[: self.channels]).view(-1, 1, 1)
+            std = torch.tensor(IMAGENET_STD[: self.channels]).view(-1, 1, 1)
+            image = (image - mean) / std
+        if mask is not None:
+            return image, mask.float()
+        return image, torch.tensor(int(rows.column("label")[index].as_py()), dtype=torch.int64)
+
+
+def _to_tensor(pixels: np.ndarray) -> torch.Tensor:
+    scale = 65535.0 if pixels.dtype == np.uint16 else 255.0
+    return torch.from_numpy(pixels.astype(np.float32) / scale).unsqueeze(0)
+
+
+def _apply(aug: Augment, rng: np.random.Generator, image: torch.Tensor, mask: torch.Tensor | None):
+    """Apply one draw of ``aug`` to the image and, identically, to the mask."""
+    angle = float(rng.uniform(-aug.rotate, aug.rotate))
+    scale = float(rng.uniform(*aug.scale))
+    shear = [float(rng.uniform(-aug.shear, aug.shear)), 0.0]
+    hflip = rng.random() < aug.hflip
+    vflip = rng.random() < aug.vflip
+    brightness = float(rng.uniform(1 - aug.brightness, 1 + aug.brightness))
+    contrast = float(rng.uniform(1 - aug.contrast, 1 + aug.contrast))
+
+    def geometric(x: torch.Tensor, nearest: bool) -> torch.Tensor:
+        mode = F.InterpolationMode.NEAREST if nearest else F.InterpolationMode.BILINEAR
+        if angle or scale != 1.0 or shear[0]:
+            x = F.affine(x, angle=angle, translate=[0, 0], scale=scale, shear=shear, interpolation=mode)
+        if hflip:
+            x = F.horizontal_flip(x)
+        if vflip:
+            x = F.vertical_flip(x)
+        return x
+
+    image = geometric(image, nearest=False)
+    if brightness != 1.0:
+        image = F.adjust_brightness(image, brightness)
+    if contrast != 1.0:
+        image = F.adjust_contrast(image, contrast)
+    if mask is not None:
+        mask = geometric(mask, nearest=True)
+    return image.clamp(0, 1), mask

@@ -1,0 +1,110 @@
+"""Shared fixtures: small real files written into temporary folders."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+SAMPLES = Path(__file__).resolve().parents[2] / "shared" / "data" / "cxr_samples"
+
+
+@pytest.fixture(scope="session")
+def samples() -> Path:
+    """The real chest X-ray samples shipped beside the repo (skipped where absent)."""
+    if not SAMPLES.is_dir():
+        pytest.skip(f"real CXR samples not found at {SAMPLES} (they live outside the repo)")
+    return SAMPLES
+
+
+def write_png(path: Path, arr: np.ndarray) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(arr).save(path)
+    return path
+
+
+def gradient(h: int, w: int, seed: int = 0) -> np.ndarray:
+    """A distinct 8-bit test picture."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:h, 0:w]
+    return ((x * 3 + y * 5 + rng.integers(0, 40, (h, w))) % 256).astype(np.uint8)
+
+
+def write_dicom(path: Path, pixels: np.ndarray | None, *, photometric: str = "MONOCHROME2",
+                bits: int = 12, slope: float | None = None, intercept: float | None = None,
+                window: tuple[float, float] | None = None, **header) -> Path:
+    """An uncompressed single-frame DICOM written with pydicom."""
+    import pydicom
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = pydicom.Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID = meta.MediaStorageSOPClassUID
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds.Modality = "CR"
+    for key, value in header.items():
+        setattr(ds, key, value)
+    if pixels is not None:
+        ds.Rows, ds.Columns = pixels.shape
+        ds.SamplesPerPixel = 1
+        ds.PhotometricInterpretation = photometric
+        ds.BitsAllocated = 16 if bits > 8 else 8
+        ds.BitsStored = bits
+        ds.HighBit = bits - 1
+        ds.PixelRepresentation = 0
+        if slope is not None:
+            ds.RescaleSlope = slope
+            ds.RescaleIntercept = intercept or 0
+        if window is not None:
+            ds.WindowCenter, ds.WindowWidth = window
+        dtype = np.uint16 if bits > 8 else np.uint8
+        ds.PixelData = pixels.astype(dtype).tobytes()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def make_rows(n: int, *, sites=("A", "B"), labels=(0, 1, 2), size=32, masks=True,
+              patients_per_image: int = 1, split_cycle=("train", "train", "train", "val", "test")):
+    """Rows in the dataset schema with real PNG payloads, for writer/partition/torch tests."""
+    from cxrfl_ray.data.imageio import encode_png
+
+    rows = []
+    for i in range(n):
+        img = gradient(size, size, seed=i)
+        mask = np.zeros((size, size), np.uint8)
+        mask[size // 4: 3 * size // 4, size // 8: size // 2] = 255
+        pid = f"P{i // patients_per_image:05d}"
+        rows.append({
+            "id": f"t:{i:05d}", "source": "test", "site": sites[i % len(sites)], "patient_id": pid,
+            "split": split_cycle[(i // patients_per_image) % len(split_cycle)],
+            "label": labels[(i // patients_per_image) % len(labels)], "label_name": None,
+            "image": encode_png(img), "height": size, "width": size, "bit_depth": 8,
+            "mask": encode_png(mask) if masks else None, "view": "PA", "sex": "F", "age": 50.0,
+            "original_path": f"/x/{i}.png", "boxes": None,
+        })
+    return rows
+
+
+@pytest.fixture()
+def small_dataset(tmp_path):
+    """A 120-row dataset over 3 shards, 2 sites, 3 labels, 2 images per patient."""
+    from cxrfl_ray.data.writer import DatasetWriter
+
+    out = tmp_path / "small"
+    with DatasetWriter(out, name="small", label_names=["a", "b", "c"], shard_rows=50, row_group_rows=16) as w:
+        for row in make_rows(120, patients_per_image=2):
+            w.add(row)
+    return out
