@@ -1,0 +1,160 @@
+"""One typed, validated experiment config: YAML in, YAML out, saved next to its results.
+
+Everything is checked before anything starts (pydantic, ``extra="forbid"``), and errors name
+the field: ``train.lr: Input should be greater than 0``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+Task = Literal["segmentation", "classification"]
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class DataConfig(Section):
+    """Which dataset, and how its images become tensors."""
+
+    path: str = Field("runs/default/data", description="dataset folder written by cxrfl synth/ingest")
+    size: int = Field(128, ge=16, le=4096, description="images are resized to size x size")
+    channels: Literal[1, 3] = Field(1, description="3 repeats grey for ImageNet-pretrained models")
+    imagenet_norm: bool = Field(False, description="normalise with ImageNet mean/std (paper, 3 channels)")
+    augment: bool = Field(True, description="the paper's augmentations for the task, seeded")
+    train_splits: list[str] = Field(default_factory=lambda: ["train"])
+    val_split: str = "val"
+    test_split: str = "test"
+    holdout_sites: list[str] = Field(default_factory=list, description="sites that never train")
+    num_workers: int = Field(0, ge=0, description="DataLoader worker processes")
+
+
+class ModelConfig(Section):
+    """A model by registry name; pretrained weights only from a local file or an explicit hub ask."""
+
+    name: str = "resnet18"
+    pretrained: str | None = Field(
+        None, description="path to a local .pth/.safetensors file, or 'hub' to download (explicit)"
+    )
+
+
+class TrainConfig(Section):
+    """Local training: optimiser, loss, and how much work (epochs or steps)."""
+
+    optimizer: Literal["adam", "adamw", "sgd", "adagrad"] = "adam"
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    momentum: float = Field(0.9, ge=0, lt=1, description="SGD only")
+    batch_size: int = Field(8, ge=1)
+    eval_batch_size: int = Field(32, ge=1)
+    epochs: int | None = Field(1, ge=1, description="local epochs (or give steps)")
+    steps: int | None = Field(None, ge=1, description="local optimiser steps; overrides epochs")
+    loss: Literal["dice_bce", "dice", "bce", "cross_entropy"] | None = Field(
+        None, description="default: dice_bce for segmentation, cross_entropy for classification"
+    )
+    class_weights: list[float] | None = Field(None, description="cross-entropy class weights")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    num_threads: int | None = Field(None, ge=1, description="torch CPU threads")
+
+
+class ExperimentConfig(Section):
+    """An experiment: task, data, model, local training, seed and where results go."""
+
+    name: str = "experiment"
+    task: Task = "classification"
+    seed: int = 0
+    out_dir: str = "runs"
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "ExperimentConfig":
+        loss = self.train.loss
+        if loss is not None:
+            wanted = {"segmentation": {"dice_bce", "dice", "bce"}, "classification": {"cross_entropy"}}
+            if loss not in wanted[self.task]:
+                raise ValueError(f"train.loss {loss!r} does not fit task {self.task!r}; use one of {sorted(wanted[self.task])}")
+        if self.train.class_weights is not None and self.task != "classification":
+            raise ValueError("train.class_weights is for classification only")
+        if self.train.epochs is None and self.train.steps is None:
+            raise ValueError("train: give epochs or steps")
+        return self
+
+    @property
+    def loss_name(self) -> str:
+        return self.train.loss or ("dice_bce" if self.task == "segmentation" else "cross_entropy")
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.write_text(self.to_yaml())
+        return path
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; the message names each bad field."""
+
+
+def _format(exc: ValidationError, source: str) -> str:
+    lines = [f"invalid config {source}:"]
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        lines.append(f"  {where}: {err['msg']}" + (f" (got {err['input']!r})" if "input" in err and not isinstance(err["input"], dict) else ""))
+    return "\n".join(lines)
+
+
+def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in override.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+    """``train.lr=0.1`` style overrides; the value is parsed as YAML (numbers, lists, null)."""
+    keys = dotted.split(".")
+    node = data
+    for key in keys[:-1]:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {dotted}: {key} is not a section")
+    node[keys[-1]] = yaml.safe_load(value) if isinstance(value, str) else value
+
+
+def build_config(data: dict[str, Any] | None = None, overrides: list[str] | None = None,
+                 source: str = "(dict)") -> ExperimentConfig:
+    """Validate a config dict plus ``key.path=value`` overrides."""
+    data = _merge({}, data or {})
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not KEY=VALUE")
+        key, value = item.split("=", 1)
+        set_dotted(data, key.strip(), value)
+    try:
+        return ExperimentConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format(exc, source)) from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> ExperimentConfig:
+    """Read a YAML config (or the defaults when ``path`` is None) and validate it."""
+    if path is None:
+        return build_config({}, overrides, "(defaults)")
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    return build_config(data, overrides, str(path))
