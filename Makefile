@@ -30,6 +30,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/data_io.py --quick
 	$(BIN)/python benchmarks/partition.py
+	$(BIN)/python benchmarks/train_step.py --quick
 
 clean:
 	rm -rf runs plans .pytest_cache

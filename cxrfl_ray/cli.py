@@ -119,6 +119,45 @@ def cmd_partition(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from cxrfl_ray.baseline import run_training
+    from cxrfl_ray.config import load_config
+
+    cfg = load_config(args.config, args.set)
+    run = run_training(cfg, local_only=args.local_only, quiet=args.quiet)
+    summary = json.loads((run / "summary.json").read_text())
+    for view, metrics in summary["test"].items():
+        print(f"  {view}: {summary['main_metric']} {metrics.get(summary['main_metric'], float('nan')):.4f}")
+    print(f"results: {run.resolve()}")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from cxrfl_ray.predict import predict
+
+    result = predict(args.checkpoint, args.input, args.out, batch_size=args.batch_size,
+                     threshold=args.threshold, device=args.device)
+    print(f"{result['images']} images -> {Path(result['out']).resolve()} ({len(result['skipped'])} skipped)")
+    for s in result["skipped"][:10]:
+        print(f"  skipped {s['path']}: {s['reason']}")
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from cxrfl_ray.tasks.models import MODELS
+
+    for name in sorted(MODELS, key=lambda n: (MODELS[n].task, n)):
+        spec = MODELS[name]
+        print(f"{spec.task:15s} {name:30s}{'  (paper)' if spec.paper else ''}")
+    return 0
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", nargs="?", help="experiment YAML (default: built-in defaults)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", default=[],
+                   help="override a config field, e.g. --set train.lr=0.001 (repeatable)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cxrfl", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -174,18 +213,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="plan file (default plans/NAME-SCHEME-N-sSEED.json)")
     p.add_argument("--show", type=int, default=20, help="clients to list (default 20)")
     p.set_defaults(func=cmd_partition)
+
+    p = sub.add_parser("train", help="centralised (pooled) or local-only training: the baselines")
+    _add_config_args(p)
+    p.add_argument("--local-only", type=int, metavar="CLIENT", help="train on this client's rows alone")
+    p.add_argument("--quiet", action="store_true", help="no per-epoch lines")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("predict", help="apply a checkpoint to a dataset, a folder of images or a file")
+    p.add_argument("checkpoint", help="a .safetensors checkpoint written by train/simulate")
+    p.add_argument("input", help="dataset folder, image folder (PNG/JPEG/DICOM) or one image")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--threshold", type=float, default=0.5, help="segmentation probability threshold")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("models", help="list the registered models")
+    p.set_defaults(func=cmd_models)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from cxrfl_ray.config import ConfigError
     from cxrfl_ray.data.ingest.pipeline import IngestError
     from cxrfl_ray.data.partition import PartitionError
     from cxrfl_ray.data.store import DatasetError
+    from cxrfl_ray.tasks.checkpoint import CheckpointError
+    from cxrfl_ray.tasks.models import ModelError
 
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (IngestError, PartitionError, DatasetError, FileExistsError, ValueError) as exc:
+    except (ConfigError, IngestError, PartitionError, DatasetError, CheckpointError, ModelError,
+            FileExistsError, FileNotFoundError, ValueError) as exc:
         print(f"cxrfl {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

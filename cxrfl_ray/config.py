@@ -34,6 +34,20 @@ class DataConfig(Section):
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes")
 
 
+class PartitionConfig(Section):
+    """How the training rows are split into clients (see docs/DATA.md, Partitions)."""
+
+    scheme: Literal["iid", "dirichlet", "quantity", "site"] = "iid"
+    clients: int = Field(3, ge=1)
+    alpha: float = Field(0.5, gt=0, description="dirichlet concentration (smaller = more label skew)")
+    power: float = Field(1.0, ge=0, description="quantity power-law exponent (larger = more size skew)")
+    min_size: int = Field(1, ge=0, description="minimum patients per client")
+
+    def scheme_args(self) -> dict[str, float]:
+        extra = {"dirichlet": {"alpha": self.alpha}, "quantity": {"power": self.power}}.get(self.scheme, {})
+        return {**extra, **({"min_size": self.min_size} if self.scheme in ("dirichlet", "quantity") else {})}
+
+
 class ModelConfig(Section):
     """A model by registry name; pretrained weights only from a local file or an explicit hub ask."""
 
@@ -52,8 +66,11 @@ class TrainConfig(Section):
     momentum: float = Field(0.9, ge=0, lt=1, description="SGD only")
     batch_size: int = Field(8, ge=1)
     eval_batch_size: int = Field(32, ge=1)
-    epochs: int | None = Field(1, ge=1, description="local epochs (or give steps)")
-    steps: int | None = Field(None, ge=1, description="local optimiser steps; overrides epochs")
+    epochs: int = Field(1, ge=1, description="epochs (centralised) or local epochs per round (federated)")
+    steps: int | None = Field(
+        None, ge=1, description="an epoch is this many optimiser steps instead of one pass (comparable across client sizes)"
+    )
+    lr_schedule: Literal["constant", "cosine"] = Field("constant", description="cosine decays to 0 over the run")
     loss: Literal["dice_bce", "dice", "bce", "cross_entropy"] | None = Field(
         None, description="default: dice_bce for segmentation, cross_entropy for classification"
     )
@@ -70,6 +87,7 @@ class ExperimentConfig(Section):
     seed: int = 0
     out_dir: str = "runs"
     data: DataConfig = Field(default_factory=DataConfig)
+    partition: PartitionConfig = Field(default_factory=PartitionConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
 
@@ -80,10 +98,14 @@ class ExperimentConfig(Section):
             wanted = {"segmentation": {"dice_bce", "dice", "bce"}, "classification": {"cross_entropy"}}
             if loss not in wanted[self.task]:
                 raise ValueError(f"train.loss {loss!r} does not fit task {self.task!r}; use one of {sorted(wanted[self.task])}")
+        from cxrfl_ray.tasks.models import ModelError, get_spec
+
+        try:
+            get_spec(self.model.name, self.task)
+        except ModelError as exc:
+            raise ValueError(f"model.name: {exc}") from None
         if self.train.class_weights is not None and self.task != "classification":
             raise ValueError("train.class_weights is for classification only")
-        if self.train.epochs is None and self.train.steps is None:
-            raise ValueError("train: give epochs or steps")
         return self
 
     @property

@@ -108,3 +108,21 @@ def small_dataset(tmp_path):
         for row in make_rows(120, patients_per_image=2):
             w.add(row)
     return out
+
+
+@pytest.fixture(scope="session")
+def phantoms(tmp_path_factory):
+    """Factory of phantom datasets, cached per (n, size, seed) for the whole session."""
+    from cxrfl_ray.data.synth import write_synthetic_dataset
+
+    cache: dict = {}
+
+    def make(n: int = 200, size: int = 64, seed: int = 0, sites: int = 4) -> Path:
+        key = (n, size, seed, sites)
+        if key not in cache:
+            out = tmp_path_factory.mktemp("phantoms") / f"p{n}-{size}-{seed}-{sites}"
+            write_synthetic_dataset(out, n=n, sites=sites, size=size, seed=seed, progress=False)
+            cache[key] = out
+        return cache[key]
+
+    return make

@@ -145,8 +145,8 @@ _PARAMS: tuple[tuple[str, float, float], ...] = (
     ("med_q", 0.07, 0.1), ("med_slope", 0.01, 0.04),
     ("heart_u", 0.06, 0.11), ("heart_v", 0.32, 0.4), ("heart_a", 0.25, 0.3),
     ("heart_b", 0.34, 0.42), ("heart_skew", 0.15, 0.35), ("heart_int", 0.05, 0.09),
-    ("cardio_a", 1.25, 1.45), ("cardio_b", 1.1, 1.2), ("cardio_u", 0.03, 0.06),
-    ("abn_kind", 0.0, 1.0), ("eff_side", 0.0, 1.0), ("eff_h", 0.12, 0.24), ("eff_c", 0.8, 2.5),
+    ("cardio_a", 1.4, 1.6), ("cardio_b", 1.15, 1.25), ("cardio_u", 0.03, 0.06),
+    ("abn_kind", 0.0, 1.0), ("eff_side", 0.0, 1.0), ("eff_h", 0.18, 0.3), ("eff_c", 0.8, 2.5),
     ("rib_sp", 0.15, 0.18), ("rib_ph", 0.0, 1.0), ("rib_al", -0.1, 0.1), ("rib_be", 0.5, 0.9),
     ("rib_w", 0.18, 0.32), ("rib_int", 0.07, 0.12), ("rib_lr", -0.25, 0.25),
     ("clav_v", -0.8, -0.72), ("clav_sl", 0.12, 0.26), ("clav_t", 0.028, 0.04),
@@ -155,8 +155,8 @@ _PARAMS: tuple[tuple[str, float, float], ...] = (
 _LOW = np.array([p[1] for p in _PARAMS])
 _HIGH = np.array([p[2] for p in _PARAMS])
 # Opacity blobs: side, lateral pos, vertical pos, sigma_u, sigma_v, amplitude.
-_BLOB_LOW = np.array([0.0, -0.85, -0.8, 0.05, 0.05, 0.12])
-_BLOB_HIGH = np.array([1.0, 0.75, 0.9, 0.12, 0.14, 0.28])
+_BLOB_LOW = np.array([0.0, -0.85, -0.8, 0.08, 0.08, 0.3])
+_BLOB_HIGH = np.array([1.0, 0.75, 0.9, 0.16, 0.18, 0.5])
 
 
 def _draw_params(index: np.ndarray, sites: np.ndarray, looks: list[SiteLook], seed: int) -> dict:

@@ -129,15 +129,29 @@ class ClientImages(Dataset):
         if self.augment is not None:
             rng = np.random.default_rng([self.seed, self.epoch, int(self.row_ids[index])])
             image, mask = _apply(self.augment, rng, image, mask)
-        if self.channels == 3:
-            image = image.expand(3, -1, -1).contiguous()
-        if self.imagenet_norm:
-            mean = torch.tensor(IMAGENET_MEAN[: self.channels]).view(-1, 1, 1)
-            std = torch.tensor(IMAGENET_STD[: self.channels]).view(-1, 1, 1)
-            image = (image - mean) / std
+        image = _finish(image, self.channels, self.imagenet_norm)
         if mask is not None:
             return image, mask.float()
         return image, torch.tensor(int(rows.column("label")[index].as_py()), dtype=torch.int64)
+
+
+def model_input(pixels: np.ndarray, size: int, channels: int = 1, imagenet_norm: bool = False) -> torch.Tensor:
+    """What a model sees for a raw grayscale array: [0, 1], resized, channels, normalisation.
+
+    Used for new images at prediction time, so they are prepared exactly as in training.
+    """
+    image = F.resize(_to_tensor(pixels), [size, size], antialias=True)
+    return _finish(image, channels, imagenet_norm)
+
+
+def _finish(image: torch.Tensor, channels: int, imagenet_norm: bool) -> torch.Tensor:
+    if channels == 3:
+        image = image.expand(3, -1, -1).contiguous()
+    if imagenet_norm:
+        mean = torch.tensor(IMAGENET_MEAN[:channels]).view(-1, 1, 1)
+        std = torch.tensor(IMAGENET_STD[:channels]).view(-1, 1, 1)
+        image = (image - mean) / std
+    return image
 
 
 def _to_tensor(pixels: np.ndarray) -> torch.Tensor:

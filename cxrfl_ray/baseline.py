@@ -1,0 +1,104 @@
+"""Centralised training on pooled data (the reference every federated result is compared to)
+and local-only training (one client alone): the same task code the federated clients run."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+from cxrfl_ray.config import ConfigError, ExperimentConfig
+from cxrfl_ray.experiment import Prepared, evaluate_views, prepare
+from cxrfl_ray.plots import plot_series
+from cxrfl_ray.tasks.checkpoint import save_checkpoint
+from cxrfl_ray.tasks.models import create_model
+from cxrfl_ray.tasks.training import make_optimizer, seed_everything, select_device, train_local
+from cxrfl_ray.tracking import MetricsSink
+
+log = logging.getLogger("cxrfl.train")
+
+
+def new_run_dir(cfg: ExperimentConfig, kind: str) -> Path:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    base = Path(cfg.out_dir) / f"{cfg.name}-{kind}-{stamp}"
+    run, k = base, 1
+    while run.exists():
+        k += 1
+        run = base.with_name(f"{base.name}-{k}")
+    run.mkdir(parents=True)
+    return run
+
+
+def evaluate_and_log(prep: Prepared, model, device, loss_fn, sink: MetricsSink, round_: int,
+                     keys) -> dict[tuple[str, str], dict[str, float]]:
+    results = evaluate_views(prep, model, device, loss_fn, keys)
+    for (scope, vid), metrics in results.items():
+        sink.log(round_, scope, vid, metrics)
+    return results
+
+
+def run_training(cfg: ExperimentConfig, local_only: int | None = None, quiet: bool = False) -> Path:
+    """Train centrally (or on one client's rows alone) and write a run folder.
+
+    The folder holds ``config.yaml``, ``metrics.parquet`` (per epoch: train loss, validation
+    metrics; at the end: test, per-site and held-out-site metrics of the best checkpoint),
+    ``best.safetensors``, ``last.safetensors``, ``summary.json`` and a PNG of the main metric.
+    """
+    prep = prepare(cfg)
+    if local_only is not None and not 0 <= local_only < len(prep.plan.clients):
+        raise ConfigError(f"--local-only {local_only}: the plan has clients 0..{len(prep.plan.clients) - 1}")
+    rows = prep.pooled_train_rows if local_only is None else prep.plan.clients[local_only]
+    kind = "central" if local_only is None else f"local{local_only}"
+    device = select_device(cfg.train.device)
+    if cfg.train.num_threads:
+        torch.set_num_threads(cfg.train.num_threads)
+    run = new_run_dir(cfg, kind)
+    cfg.save(run / "config.yaml")
+    sink = MetricsSink(run / "metrics.parquet")
+
+    seed_everything(cfg.seed)
+    model = create_model(cfg.model.name, cfg.task, cfg.data.channels, prep.num_classes, cfg.model.pretrained).to(device)
+    loss_fn = prep.task.make_loss(cfg.loss_name, cfg.train.class_weights).to(device)
+    optimizer = make_optimizer(model.parameters(), cfg.train)
+    train_loader = prep.loader(rows, train=True)
+    steps_per_epoch = cfg.train.steps or len(train_loader)
+    scheduler = None
+    if cfg.train.lr_schedule == "cosine":
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps_per_epoch * cfg.train.epochs)
+    checkpoint_args = dict(cfg=cfg, num_classes=prep.num_classes, label_names=prep.label_names)
+    val_view = ("central", cfg.data.val_split)
+    main = prep.task.main_metric
+    best, best_epoch = None, None
+    for epoch in range(cfg.train.epochs):
+        fit = train_local(model, train_loader, loss_fn, optimizer, device, epochs=1, steps=cfg.train.steps,
+                          first_epoch=epoch, scheduler=scheduler)
+        sink.log(epoch, "train", kind, {"loss": fit["loss"], "examples": fit["examples"]})
+        scores = evaluate_and_log(prep, model, device, loss_fn, sink, epoch, [val_view])
+        score = scores.get(val_view, {}).get(main, -fit["loss"])  # no val rows: pick by train loss
+        if prep.task.better(score, best):
+            best, best_epoch = score, epoch
+            save_checkpoint(run / "best.safetensors", model, **checkpoint_args, info={"epoch": epoch, main: score})
+        save_checkpoint(run / "last.safetensors", model, **checkpoint_args, info={"epoch": epoch})
+        sink.flush()
+        if not quiet:
+            print(f"epoch {epoch}: train loss {fit['loss']:.4f}, val {main} {score:.4f}", flush=True)
+
+    from safetensors.torch import load_file
+
+    model.load_state_dict(load_file(str(run / "best.safetensors"), device=str(device)))
+    final = evaluate_and_log(prep, model, device, loss_fn, sink, best_epoch,
+                             [k for k in prep.views if k != val_view])
+    sink.flush()
+    summary = {
+        "kind": kind, "task": cfg.task, "model": cfg.model.name, "main_metric": main,
+        "best_val": best, "best_epoch": best_epoch, "train_rows": int(rows.size),
+        "test": {f"{s}:{i}": m for (s, i), m in final.items()},
+        "wall_time_s": round(time.time() - sink.start, 2),
+    }
+    (run / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    plot_series(run / f"{main}.png", {f"val {main}": sink.series("central", cfg.data.val_split, main)},
+                ylabel=main, title=f"{cfg.name} ({kind})")
+    return run

@@ -1,0 +1,126 @@
+"""What every run needs before it trains: the dataset checked against the task, the client
+plan, the evaluation views, and data loaders, built the same way for every caller."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from cxrfl_ray.config import ConfigError, ExperimentConfig
+from cxrfl_ray.data.partition import PartitionError, Plan, plan_partition
+from cxrfl_ray.data.store import DatasetError, StoredDataset, open_dataset
+from cxrfl_ray.data.torch_dataset import ClientImages
+from cxrfl_ray.tasks import TASKS, Task
+
+
+@dataclass
+class Prepared:
+    """A validated experiment's data side."""
+
+    cfg: ExperimentConfig
+    dataset: StoredDataset
+    task: Task
+    plan: Plan
+    views: dict[tuple[str, str], np.ndarray] = field(default_factory=dict)
+
+    @property
+    def label_names(self) -> list[str]:
+        return self.dataset.label_names
+
+    @property
+    def num_classes(self) -> int:
+        return max(len(self.label_names), 1)
+
+    @property
+    def pooled_train_rows(self) -> np.ndarray:
+        return np.sort(np.concatenate(self.plan.clients))
+
+    def images(self, rows: np.ndarray, train: bool, seed_offset: int = 0) -> ClientImages:
+        d = self.cfg.data
+        return ClientImages(self.dataset, rows, task=self.task.name, size=d.size,
+                            augment=d.augment and train, seed=self.cfg.seed + seed_offset,
+                            channels=d.channels, imagenet_norm=d.imagenet_norm)
+
+    def loader(self, rows: np.ndarray, train: bool, seed_offset: int = 0) -> DataLoader:
+        t = self.cfg.train
+        generator = torch.Generator().manual_seed(self.cfg.seed + seed_offset)
+        return DataLoader(self.images(rows, train, seed_offset),
+                          batch_size=t.batch_size if train else t.eval_batch_size,
+                          shuffle=train, generator=generator if train else None,
+                          num_workers=self.cfg.data.num_workers, drop_last=False)
+
+
+def evaluate_views(prep: Prepared, model, device, loss_fn, keys) -> dict[tuple[str, str], dict[str, float]]:
+    """Metrics of each view in ``keys``, from ONE model pass over the union of their rows
+    (site views are subsets of the test split; they are not recomputed)."""
+    keys = [k for k in keys if k in prep.views]
+    if not keys:
+        return {}
+    rows = np.unique(np.concatenate([prep.views[k] for k in keys]))
+    outputs = prep.task.collect(model, prep.loader(rows, train=False), device, loss_fn)
+    return {k: prep.task.summarise(prep.task.subset(outputs, np.searchsorted(rows, prep.views[k])))
+            for k in keys}
+
+
+def prepare(cfg: ExperimentConfig) -> Prepared:
+    """Open the dataset, check it fits the task, plan the clients and the evaluation views.
+
+    Every check runs here, before any training or Ray start, and names what is wrong.
+    """
+    try:
+        ds = open_dataset(cfg.data.path)
+    except DatasetError as exc:
+        raise ConfigError(f"data.path: {exc}") from None
+    task = TASKS[cfg.task]
+    card = ds.card
+    if task.needs_masks and card.get("num_masks", 0) == 0:
+        raise ConfigError(
+            f"task {cfg.task!r} needs lung masks, but dataset {ds.path} has none (num_masks=0)"
+        )
+    if cfg.task == "classification":
+        labelled = sum(v for k, v in card["counts"]["label"].items() if k != "none")
+        if not labelled:
+            raise ConfigError(f"task 'classification' needs labels, but dataset {ds.path} has none")
+        if cfg.train.class_weights is not None and len(cfg.train.class_weights) != len(ds.label_names):
+            raise ConfigError(
+                f"train.class_weights has {len(cfg.train.class_weights)} values for "
+                f"{len(ds.label_names)} classes {ds.label_names}"
+            )
+    p = cfg.partition
+    try:
+        plan = plan_partition(ds, p.scheme, p.clients, cfg.seed, holdout_sites=cfg.data.holdout_sites,
+                              train_splits=cfg.data.train_splits, **p.scheme_args())
+    except PartitionError as exc:
+        raise ConfigError(f"partition: {exc}") from None
+    meta = ds.metadata
+    sites = np.asarray(meta.column("site").to_pylist())
+    labels = meta.column("label").to_numpy()
+    has_mask = None
+    if task.needs_masks and card.get("num_masks") != ds.num_rows:
+        # Rows without a mask (or classification rows without a label) cannot be used.
+        has_mask = ~ds.take(np.arange(ds.num_rows), ["mask"]).column("mask").is_null().to_numpy(zero_copy_only=False)
+    if task.needs_masks:
+        usable = has_mask if has_mask is not None else np.ones(ds.num_rows, dtype=bool)
+    else:
+        usable = labels >= 0
+
+    def keep(rows: np.ndarray) -> np.ndarray:
+        return rows[usable[rows]]
+
+    plan.clients = [keep(c) for c in plan.clients]
+    empty = [i for i, c in enumerate(plan.clients) if c.size == 0]
+    if empty:
+        raise ConfigError(f"partition: client(s) {empty[:5]} have no usable rows (no {'mask' if has_mask is not None else 'label'})")
+    views: dict[tuple[str, str], np.ndarray] = {}
+    for split, rows in plan.central.items():
+        rows = keep(rows)
+        views[("central", split)] = rows
+        if split == cfg.data.test_split:
+            for site in np.unique(sites[rows]):
+                views[("site", str(site))] = rows[sites[rows] == site]
+    for site, rows in plan.holdout.items():
+        views[("holdout", site)] = keep(rows)
+    return Prepared(cfg, ds, task, plan, {k: v for k, v in views.items() if v.size})

@@ -1,0 +1,100 @@
+"""Apply a trained checkpoint to new images: masks as PNGs at the input size (segmentation) or
+class probabilities in a CSV (classification). Inputs: a dataset folder, a folder of
+PNG/JPEG/DICOM files, or one file."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as nnf
+
+from cxrfl_ray.data.imageio import ImageReadError, decode_png, encode_png, read_image
+from cxrfl_ray.data.ingest.lungseg import IMAGE_SUFFIXES
+from cxrfl_ray.data.store import open_dataset
+from cxrfl_ray.data.torch_dataset import model_input
+from cxrfl_ray.data.writer import CARD_NAME
+from cxrfl_ray.tasks.checkpoint import load_checkpoint
+from cxrfl_ray.tasks.training import select_device
+
+
+def iter_inputs(source: Path, skipped: list[dict]) -> Iterator[tuple[str, np.ndarray]]:
+    """``(name, pixels)`` for each image of a dataset, a folder or a file; unreadable files are
+    appended to ``skipped``."""
+    if (source / CARD_NAME).is_file():
+        ds = open_dataset(source)
+        for start in range(0, ds.num_rows, 256):
+            table = ds.take(np.arange(start, min(ds.num_rows, start + 256)), ["id", "image"])
+            for rid, data in zip(table.column("id").to_pylist(), table.column("image").to_pylist()):
+                yield rid, decode_png(data)
+        return
+    if source.is_file():
+        files = [source]
+    elif source.is_dir():
+        files = sorted(p for p in source.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    else:
+        raise FileNotFoundError(f"input not found: {source}")
+    for path in files:
+        try:
+            yield str(path.relative_to(source) if source.is_dir() else path.name), read_image(path)
+        except ImageReadError as exc:
+            skipped.append({"path": str(path), "reason": str(exc)})
+
+
+def _mask_name(name: str) -> str:
+    return name.replace(":", "_").replace("/", "__").rsplit(".", 1)[0] + "_mask.png"
+
+
+@torch.no_grad()
+def predict(checkpoint: str | Path, source: str | Path, out: str | Path, batch_size: int = 16,
+            threshold: float = 0.5, device: str = "auto") -> dict:
+    """Run the checkpoint over ``source``; returns a small summary (counts, paths)."""
+    dev = select_device(device)
+    model, cfg, meta = load_checkpoint(checkpoint, device=dev)
+    model.eval()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    labels = __import__("json").loads(meta["label_names"])
+    skipped: list[dict] = []
+    rows: list[list] = []
+    count = 0
+    batch: list[tuple[str, np.ndarray]] = []
+
+    def flush() -> None:
+        nonlocal count
+        x = torch.stack([model_input(p, cfg.data.size, cfg.data.channels, cfg.data.imagenet_norm) for _, p in batch])
+        logits = model(x.to(dev)).float()
+        if cfg.task == "segmentation":
+            for (name, pixels), logit in zip(batch, logits):
+                prob = nnf.interpolate(logit[None].sigmoid(), size=pixels.shape, mode="bilinear", align_corners=False)
+                mask = (prob[0, 0] > threshold).cpu().numpy().astype(np.uint8) * 255
+                (out / _mask_name(name)).write_bytes(encode_png(mask))
+        else:
+            for (name, _), p in zip(batch, logits.softmax(dim=1).cpu().numpy()):
+                rows.append([name, *[f"{v:.6f}" for v in p], labels[int(p.argmax())] if labels else int(p.argmax())])
+        count += len(batch)
+        batch.clear()
+
+    for item in iter_inputs(Path(source), skipped):
+        batch.append(item)
+        if len(batch) == batch_size:
+            flush()
+    if batch:
+        flush()
+    result = {"task": cfg.task, "images": count, "skipped": skipped, "out": str(out)}
+    if cfg.task == "classification":
+        names = labels or [str(i) for i in range(int(meta["num_classes"]))]
+        with open(out / "predictions.csv", "w", newline="") as fh:
+            writer = csv.writer(fh)
+            writer.writerow(["image", *[f"p_{n}" for n in names], "predicted"])
+            writer.writerows(rows)
+        result["csv"] = str(out / "predictions.csv")
+    if skipped:
+        with open(out / "skipped.csv", "w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=["path", "reason"])
+            writer.writeheader()
+            writer.writerows(skipped)
+    return result

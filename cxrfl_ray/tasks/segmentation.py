@@ -1,0 +1,76 @@
+"""Lung segmentation: binary masks, Dice + BCE (the paper's loss), Jaccard and Dice metrics."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from segmentation_models_pytorch.losses import DiceLoss
+from torch import nn
+
+MAIN_METRIC, MODE = "jaccard", "max"
+
+
+class DiceBCELoss(nn.Module):
+    """Dice + binary cross-entropy on logits, as in CXR-FL."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dice = DiceLoss(mode="binary", from_logits=True)
+        self.bce = nn.BCEWithLogitsLoss()
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return self.dice(logits, target) + self.bce(logits, target)
+
+
+LOSSES = {
+    "dice_bce": DiceBCELoss,
+    "dice": lambda: DiceLoss(mode="binary", from_logits=True),
+    "bce": nn.BCEWithLogitsLoss,
+}
+
+
+def make_loss(name: str, class_weights=None) -> nn.Module:
+    return LOSSES[name]()
+
+
+@torch.no_grad()
+def collect(model: nn.Module, loader, device: torch.device, loss_fn: nn.Module) -> dict[str, np.ndarray]:
+    """Per-image outputs: loss and the pixel confusion counts (true/false positives, misses).
+
+    Keeping per-image values lets one pass over the images serve every view (central, each
+    site) by indexing, instead of running the model once per view.
+    """
+    model.eval()
+    losses, stats = [], []
+    for x, y in loader:
+        x, y = x.to(device), y.to(device)
+        logits = model(x)
+        losses += [loss_fn(logits[i:i + 1], y[i:i + 1]).item() for i in range(len(x))]
+        pred = (logits > 0).flatten(1)  # sigmoid(logit) > 0.5
+        target = y.flatten(1) > 0.5
+        # Pixel counts per image (torchmetrics' samplewise stat scores fail on a batch of one).
+        stats.append(torch.stack([(pred & target).sum(1), (pred & ~target).sum(1), (~pred & target).sum(1)], 1).cpu())
+    if not losses:
+        return {"loss": np.zeros(0), "tp": np.zeros(0), "fp": np.zeros(0), "fn": np.zeros(0)}
+    s = torch.cat(stats).double().numpy()  # columns: tp, fp, fn
+    return {"loss": np.asarray(losses), "tp": s[:, 0], "fp": s[:, 1], "fn": s[:, 2]}
+
+
+def summarise(out: dict[str, np.ndarray]) -> dict[str, float]:
+    """Mean per-image Jaccard (IoU) and Dice, pooled Jaccard, worst image, loss."""
+    n = out["loss"].size
+    if n == 0:
+        return {}
+    tp, fp, fn = out["tp"], out["fp"], out["fn"]
+    union = tp + fp + fn
+    # An empty mask predicted empty is a perfect score.
+    jaccard = np.divide(tp, union, out=np.ones_like(tp), where=union > 0)
+    dice = np.divide(2 * tp, 2 * tp + fp + fn, out=np.ones_like(tp), where=union > 0)
+    return {
+        "loss": float(out["loss"].mean()),
+        "jaccard": float(jaccard.mean()),
+        "dice": float(dice.mean()),
+        "jaccard_pooled": float(tp.sum() / max(union.sum(), 1)),
+        "jaccard_min": float(jaccard.min()),
+        "examples": float(n),
+    }

@@ -1,0 +1,106 @@
+"""The local training loop every caller shares (centralised, local-only and federated clients).
+
+Reads top to bottom like nanoGPT's: pick a device, build the optimiser, loop over batches for a
+number of epochs or steps, return what happened. Nothing here knows about Flower.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from typing import Callable, Iterable
+
+import numpy as np
+import torch
+from torch import nn
+
+from cxrfl_ray.config import TrainConfig
+
+OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
+    "adam": lambda params, c: torch.optim.Adam(params, lr=c.lr, weight_decay=c.weight_decay),
+    "adamw": lambda params, c: torch.optim.AdamW(params, lr=c.lr, weight_decay=c.weight_decay),
+    "sgd": lambda params, c: torch.optim.SGD(params, lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay),
+    "adagrad": lambda params, c: torch.optim.Adagrad(params, lr=c.lr, weight_decay=c.weight_decay),
+}
+
+
+def make_optimizer(params: Iterable[nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
+    if cfg.optimizer not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {cfg.optimizer!r}; known: {sorted(OPTIMIZERS)}")
+    return OPTIMIZERS[cfg.optimizer](params, cfg)
+
+
+def select_device(name: str = "auto") -> torch.device:
+    """``auto`` takes CUDA when present; ``cuda`` without a GPU is an error, not a silent CPU run."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("train.device is 'cuda' but no CUDA device is available")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    """Seed Python, numpy and torch; return a generator for data order."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+def batches(loader, epochs: int, steps: int | None = None, first_epoch: int = 0):
+    """Yield ``(epoch, batch)`` for ``epochs`` epochs; an epoch is one pass over ``loader``, or
+    exactly ``steps`` batches (cycling the loader) when ``steps`` is given.
+
+    The dataset's ``set_epoch`` is called at each pass so augmentations differ between passes.
+    """
+    for epoch in range(first_epoch, first_epoch + epochs):
+        done, cycle = 0, 0
+        while True:
+            if hasattr(loader.dataset, "set_epoch"):
+                # A fresh augmentation draw for every pass, also when one epoch cycles the data.
+                loader.dataset.set_epoch(epoch * 1_000 + cycle)
+            cycle += 1
+            for batch in loader:
+                yield epoch, batch
+                done += 1
+                if steps is not None and done >= steps:
+                    break
+            if steps is None or done >= steps or done == 0:
+                break
+
+
+def train_local(
+    model: nn.Module,
+    loader,
+    loss_fn: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    device: torch.device,
+    *,
+    epochs: int = 1,
+    steps: int | None = None,
+    first_epoch: int = 0,
+    regulariser: Callable[[nn.Module], torch.Tensor] | None = None,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+) -> dict[str, float]:
+    """Train in place for ``epochs`` epochs (each a full pass, or ``steps`` steps); returns the
+    mean loss, steps, examples and the next epoch index.
+
+    ``regulariser`` adds a term to the loss (e.g. FedProx's proximal term); ``scheduler`` is
+    stepped after every batch.
+    """
+    model.train()
+    total, seen, n_steps, last_epoch = 0.0, 0, 0, first_epoch - 1
+    for last_epoch, (x, y) in batches(loader, epochs, steps, first_epoch):
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        optimizer.zero_grad(set_to_none=True)
+        loss = loss_fn(model(x), y)
+        if regulariser is not None:
+            loss = loss + regulariser(model)
+        loss.backward()
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+        total += loss.item() * len(x)
+        seen += len(x)
+        n_steps += 1
+    return {"loss": total / max(seen, 1), "steps": n_steps, "examples": seen, "next_epoch": last_epoch + 1}

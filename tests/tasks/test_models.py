@@ -1,0 +1,78 @@
+"""The model registry: paper models build and train a step; weights load from local files only."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from cxrfl_ray.tasks.models import ModelError, create_model, known_models
+
+
+@pytest.mark.parametrize("name, task, size", [
+    ("unetplusplus-efficientnet-b4", "segmentation", 64),
+    ("resnet50", "classification", 64),
+    ("densenet121", "classification", 64),
+])
+def test_paper_models_construct_and_take_one_step(name, task, size):
+    torch.manual_seed(0)
+    model = create_model(name, task, in_chans=1, num_classes=3)
+    x = torch.randn(2, 1, size, size)
+    out = model(x)
+    assert out.shape == ((2, 1, size, size) if task == "segmentation" else (2, 3))
+    before = [p.detach().clone() for p in model.parameters()][:3]
+    target = torch.rand_like(out) if task == "segmentation" else torch.tensor([0, 2])
+    loss = (torch.nn.functional.binary_cross_entropy_with_logits(out, target) if task == "segmentation"
+            else torch.nn.functional.cross_entropy(out, target))
+    loss.backward()
+    torch.optim.SGD(model.parameters(), lr=0.1).step()
+    assert any(not torch.equal(b, p) for b, p in zip(before, list(model.parameters())[:3]))
+
+
+def test_three_channel_variant():
+    assert create_model("resnet18", "classification", in_chans=3, num_classes=3)(torch.randn(2, 3, 64, 64)).shape == (2, 3)
+
+
+def test_unknown_name_lists_known_models():
+    with pytest.raises(ModelError, match="unknown model 'resnet51'.*resnet18.*resnet50"):
+        create_model("resnet51", "classification")
+    with pytest.raises(ModelError, match="'resnet18' is a classification model, not segmentation.*unet-resnet18"):
+        create_model("resnet18", "segmentation")
+    assert "unetplusplus-efficientnet-b4" in known_models("segmentation")
+
+
+def test_timm_weights_from_a_local_file_adapt_the_stem(tmp_path):
+    torch.manual_seed(1)
+    source = create_model("resnet18", "classification", in_chans=3, num_classes=1000)
+    path = tmp_path / "resnet18.safetensors"
+    save_file({k: v.contiguous() for k, v in source.state_dict().items()}, path)
+    model = create_model("resnet18", "classification", in_chans=1, num_classes=3, pretrained=str(path))
+    torch.testing.assert_close(model.conv1.weight, source.conv1.weight.sum(dim=1, keepdim=True))
+    torch.testing.assert_close(model.layer3[0].conv1.weight, source.layer3[0].conv1.weight)
+    assert model.fc.out_features == 3
+
+
+def test_smp_encoder_weights_from_a_pth_file(tmp_path):
+    torch.manual_seed(2)
+    donor = create_model("unet-resnet18", "segmentation", in_chans=3)
+    path = tmp_path / "encoder.pth"
+    torch.save(donor.encoder.state_dict(), path)
+    model = create_model("unet-resnet18", "segmentation", in_chans=1, pretrained=str(path))
+    torch.testing.assert_close(model.encoder.conv1.weight, donor.encoder.conv1.weight.sum(dim=1, keepdim=True))
+    torch.testing.assert_close(model.encoder.layer2[0].conv1.weight, donor.encoder.layer2[0].conv1.weight)
+    (tmp_path / "junk.pth").write_bytes(b"")
+    torch.save({"unrelated.weight": torch.zeros(3)}, tmp_path / "junk.pth")
+    with pytest.raises(ModelError, match="no weight in .*junk.pth fits the encoder"):
+        create_model("unet-resnet18", "segmentation", pretrained=str(tmp_path / "junk.pth"))
+
+
+def test_missing_file_and_offline_hub_fail_fast(tmp_path, monkeypatch):
+    with pytest.raises(ModelError, match="pretrained weights file not found"):
+        create_model("resnet18", "classification", pretrained=str(tmp_path / "nope.pth"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    start = time.perf_counter()
+    with pytest.raises(ModelError, match="HF_HUB_OFFLINE=0.*local weights file"):
+        create_model("resnet18", "classification", pretrained="hub")
+    assert time.perf_counter() - start < 5
