@@ -132,6 +132,42 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_simulate(args: argparse.Namespace) -> int:
+    import yaml
+
+    from cxrfl_ray.config import build_config, load_config
+    from cxrfl_ray.fl.engine import run_federated
+    from cxrfl_ray.presets import DEFAULT_DATA_ARGS, PRESETS
+
+    if args.config:
+        configs = [load_config(args.config, args.set)]
+    else:
+        names = [args.preset] if args.preset else ["default-segmentation", "default-classification"]
+        unknown = [n for n in names if n not in PRESETS]
+        if unknown:
+            raise ValueError(f"unknown preset {unknown[0]!r}; presets: {', '.join(sorted(PRESETS))}")
+        configs = [build_config(PRESETS[n], args.set, source=f"preset {n}") for n in names]
+    for cfg in configs:  # the embedded default data is generated on first use
+        if cfg.data.path == PRESETS["default-segmentation"]["data"]["path"] and not Path(cfg.data.path).exists():
+            from cxrfl_ray.data.synth import write_synthetic_dataset
+
+            print(f"generating the default phantoms in {cfg.data.path}", flush=True)
+            write_synthetic_dataset(cfg.data.path, **DEFAULT_DATA_ARGS, progress=not args.quiet)
+    if args.print_config:
+        for cfg in configs:
+            print(cfg.to_yaml())
+        return 0
+    for cfg in configs:
+        print(f"== {cfg.name}: {cfg.task}, {cfg.model.name}, {cfg.partition.clients} clients, "
+              f"{cfg.clients_per_round} per round, {cfg.fl.strategy.name}, {cfg.fl.rounds} rounds", flush=True)
+        run = run_federated(cfg, quiet=args.quiet, verbose=args.verbose)
+        summary = json.loads((run / "summary.json").read_text())
+        print(f"best {summary['main_metric']} {summary['best_value']:.4f} at round {summary['best_round']}; "
+              f"rounds to threshold {summary['rounds_to_threshold']}; {summary['wall_time_s']} s")
+        print(f"results: {run.resolve()}")
+    return 0
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
     from cxrfl_ray.predict import predict
 
@@ -219,6 +255,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--local-only", type=int, metavar="CLIENT", help="train on this client's rows alone")
     p.add_argument("--quiet", action="store_true", help="no per-epoch lines")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("simulate", help="federated simulation on Flower's Ray engine (no args: the embedded default)")
+    _add_config_args(p)
+    p.add_argument("--preset", help="a named preset: default-segmentation, default-classification, "
+                                    "paper-segmentation, paper-classification")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config(s) and stop")
+    p.add_argument("--quiet", action="store_true", help="no per-round lines")
+    p.add_argument("--verbose", action="store_true", help="Flower's and Ray's own logs")
+    p.set_defaults(func=cmd_simulate)
 
     p = sub.add_parser("predict", help="apply a checkpoint to a dataset, a folder of images or a file")
     p.add_argument("checkpoint", help="a .safetensors checkpoint written by train/simulate")

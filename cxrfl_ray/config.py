@@ -79,6 +79,41 @@ class TrainConfig(Section):
     num_threads: int | None = Field(None, ge=1, description="torch CPU threads")
 
 
+StrategyName = Literal["fedavg", "fedadam", "fedyogi", "fedadagrad", "fedprox", "fedavgm",
+                       "fedmedian", "fedtrimmedavg", "krum"]
+
+
+class StrategyConfig(Section):
+    """A Flower strategy by name; ``options`` go to its constructor (e.g. ``eta``, ``tau``,
+    ``beta_1`` for FedAdam; ``proximal_mu`` for FedProx; ``server_momentum`` for FedAvgM)."""
+
+    name: StrategyName = "fedavg"
+    options: dict[str, float | int | bool | str] = Field(default_factory=dict)
+
+
+class FLConfig(Section):
+    """The federation: rounds, participation, strategy, and Ray resources per client."""
+
+    rounds: int = Field(5, ge=1)
+    fraction: float = Field(1.0, gt=0, le=1, description="share of clients trained each round")
+    min_clients: int = Field(1, ge=1, description="at least this many clients per round")
+    strategy: StrategyConfig = Field(default_factory=StrategyConfig)
+    client_num_cpus: float = Field(1.0, gt=0, description="Ray CPUs per virtual client")
+    client_num_gpus: float = Field(0.0, ge=0, description="fractional GPUs per client (0.25 packs four)")
+    ray_init: dict[str, Any] = Field(default_factory=dict, description="extra ray.init arguments")
+    round_timeout: float = Field(600.0, gt=0, description="seconds to wait for a round's replies")
+    client_eval: bool = Field(False, description="also evaluate on each selected client's val rows")
+    thresholds: dict[str, float] = Field(default_factory=dict, description="e.g. {jaccard: 0.92}")
+
+
+class FaultsConfig(Section):
+    client_failure_rate: float = Field(0.0, ge=0, lt=1, description="seeded share of client trainings that raise")
+
+
+class TrackingConfig(Section):
+    wandb: Literal["offline", "online", "disabled"] = "offline"
+
+
 class ExperimentConfig(Section):
     """An experiment: task, data, model, local training, seed and where results go."""
 
@@ -90,6 +125,13 @@ class ExperimentConfig(Section):
     partition: PartitionConfig = Field(default_factory=PartitionConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    fl: FLConfig = Field(default_factory=FLConfig)
+    faults: FaultsConfig = Field(default_factory=FaultsConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+    @property
+    def clients_per_round(self) -> int:
+        return max(self.fl.min_clients, round(self.fl.fraction * self.partition.clients))
 
     @model_validator(mode="after")
     def _consistent(self) -> "ExperimentConfig":
@@ -104,6 +146,10 @@ class ExperimentConfig(Section):
             get_spec(self.model.name, self.task)
         except ModelError as exc:
             raise ValueError(f"model.name: {exc}") from None
+        if self.fl.min_clients > self.partition.clients:
+            raise ValueError(
+                f"fl.min_clients {self.fl.min_clients} is more than partition.clients {self.partition.clients}"
+            )
         if self.train.class_weights is not None and self.task != "classification":
             raise ValueError("train.class_weights is for classification only")
         return self

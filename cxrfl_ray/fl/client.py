@@ -1,0 +1,128 @@
+"""The Flower ClientApp: one virtual client's local training, with the same task code as the
+baselines. Importable (so Ray actors import it once): the prepared data and the model stay
+resident per actor in ``_RUNTIMES`` instead of being rebuilt for every message."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from torch.utils.data import DataLoader
+
+from cxrfl_ray.config import ExperimentConfig, build_config
+from cxrfl_ray.data.torch_dataset import ClientImages
+from cxrfl_ray.experiment import Prepared, prepare
+from cxrfl_ray.fl.strategies import CLIENT_KEY
+from cxrfl_ray.tasks.models import create_model
+from cxrfl_ray.tasks.training import make_optimizer, seed_everything, select_device, train_local
+
+EXPERIMENT_KEY = "experiment"  # the resolved config YAML, carried by every message
+
+
+class InjectedClientFailure(RuntimeError):
+    """A failure injected by ``faults.client_failure_rate`` (to test and study dropout)."""
+
+
+@dataclass
+class Runtime:
+    """What an actor keeps between messages for one experiment."""
+
+    cfg: ExperimentConfig
+    prep: Prepared
+    model: torch.nn.Module
+    device: torch.device
+    loss_fn: torch.nn.Module
+    images: dict[int, ClientImages] = field(default_factory=dict)
+
+    def client_images(self, cid: int) -> ClientImages:
+        if cid not in self.images:
+            self.images[cid] = self.prep.images(self.prep.plan.clients[cid], train=True, seed_offset=cid)
+        return self.images[cid]
+
+
+_RUNTIMES: dict[str, Runtime] = {}
+
+
+def runtime(config_yaml: str) -> Runtime:
+    key = hashlib.sha1(config_yaml.encode()).hexdigest()
+    if key not in _RUNTIMES:
+        import yaml
+
+        cfg = build_config(yaml.safe_load(config_yaml), source="(message)")
+        # A client gets the CPUs Ray gave it, not the whole machine (no oversubscription).
+        torch.set_num_threads(cfg.train.num_threads or max(1, int(cfg.fl.client_num_cpus)))
+        prep = prepare(cfg)
+        device = select_device(cfg.train.device)
+        model = create_model(cfg.model.name, cfg.task, cfg.data.channels, prep.num_classes).to(device)
+        loss_fn = prep.task.make_loss(cfg.loss_name, cfg.train.class_weights).to(device)
+        _RUNTIMES.clear()  # one experiment per actor at a time
+        _RUNTIMES[key] = Runtime(cfg, prep, model, device, loss_fn)
+    return _RUNTIMES[key]
+
+
+def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict without BatchNorm's step counters, which must not be averaged."""
+    return {k: v for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
+
+
+def load_global(model: torch.nn.Module, arrays: ArrayRecord) -> None:
+    missing, unexpected = model.load_state_dict(arrays.to_torch_state_dict(), strict=False)
+    missing = [k for k in missing if not k.endswith("num_batches_tracked")]
+    if missing or unexpected:
+        raise ValueError(f"global weights do not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+
+
+def _failure_draw(seed: int, server_round: int, cid: int) -> float:
+    return float(np.random.default_rng([seed, 13, server_round, cid]).random())
+
+
+app = ClientApp()
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    config = msg.content["config"]
+    rt = runtime(str(config[EXPERIMENT_KEY]))
+    cfg = rt.cfg
+    cid, server_round = int(config[CLIENT_KEY]), int(config["server-round"])
+    if _failure_draw(cfg.seed, server_round, cid) < cfg.faults.client_failure_rate:
+        raise InjectedClientFailure(f"injected failure of client {cid} in round {server_round}")
+    load_global(rt.model, msg.content["arrays"])
+    seed_everything(cfg.seed * 1_000_003 + server_round * 10_007 + cid)
+    images = rt.client_images(cid)
+    loader = DataLoader(images, batch_size=cfg.train.batch_size, shuffle=True,
+                        generator=torch.Generator().manual_seed(cfg.seed + 7919 * server_round + cid),
+                        num_workers=cfg.data.num_workers)
+    optimizer = make_optimizer(rt.model.parameters(), cfg.train)
+    regulariser = None
+    mu = float(config.get("proximal_mu", 0.0))
+    if mu > 0:
+        anchor = [p.detach().clone() for p in rt.model.parameters()]
+
+        def regulariser(model: torch.nn.Module) -> torch.Tensor:
+            return (mu / 2) * sum(((p - a) ** 2).sum() for p, a in zip(model.parameters(), anchor))
+
+    fit = train_local(rt.model, loader, rt.loss_fn, optimizer, rt.device, epochs=cfg.train.epochs,
+                      steps=cfg.train.steps, first_epoch=server_round * cfg.train.epochs, regulariser=regulariser)
+    metrics = MetricRecord({CLIENT_KEY: cid, "num-examples": len(images), "train_loss": fit["loss"],
+                            "steps": fit["steps"]})
+    content = RecordDict({"arrays": ArrayRecord(trainable_state(rt.model)), "metrics": metrics})
+    return Message(content=content, reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """The global model on the client's own rows (client-side evaluation)."""
+    config = msg.content["config"]
+    rt = runtime(str(config[EXPERIMENT_KEY]))
+    cid = int(config[CLIENT_KEY])
+    load_global(rt.model, msg.content["arrays"])
+    rows = rt.prep.plan.clients[cid]
+    metrics = rt.prep.task.evaluate(rt.model, rt.prep.loader(rows, train=False), rt.device, rt.loss_fn)
+    record = {CLIENT_KEY: cid, "num-examples": int(rows.size)}
+    record.update({k: float(v) for k, v in metrics.items() if not k.startswith("cm_")})
+    return Message(content=RecordDict({"metrics": MetricRecord(record)}), reply_to=msg)

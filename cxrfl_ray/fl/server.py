@@ -1,0 +1,151 @@
+"""The Flower ServerApp: rounds of seeded client selection, Flower's aggregation, and server-side
+evaluation of the global model after every round (and at round 0) on the central splits, each
+site's test rows and the held-out sites. It runs in a thread of the caller, so it writes the run
+folder directly."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context
+from flwr.serverapp import Grid, ServerApp
+
+from cxrfl_ray.experiment import Prepared, evaluate_views
+from cxrfl_ray.fl.client import EXPERIMENT_KEY, load_global, trainable_state
+from cxrfl_ray.fl.strategies import CLIENT_KEY, make_strategy, reply_client
+from cxrfl_ray.plots import plot_series
+from cxrfl_ray.tasks.checkpoint import save_checkpoint
+from cxrfl_ray.tasks.models import create_model
+from cxrfl_ray.tasks.training import seed_everything, select_device
+from cxrfl_ray.tracking import MetricsSink
+
+log = logging.getLogger("cxrfl.fl")
+
+
+@dataclass
+class Outcome:
+    """What the ServerApp hands back to the engine (it runs in the caller's process)."""
+
+    summary: dict = field(default_factory=dict)
+    error: BaseException | None = None
+
+
+def rounds_to_thresholds(series: list[tuple[int, float]], thresholds: dict[str, float], metric: str,
+                         mode: str) -> dict[str, int | None]:
+    """First round at which the metric reaches each threshold (None: never)."""
+    out = {}
+    for name, value in thresholds.items():
+        if name != metric:
+            continue
+        hit = [r for r, v in series if (v >= value if mode == "max" else v <= value)]
+        out[f"{name}>={value}" if mode == "max" else f"{name}<={value}"] = hit[0] if hit else None
+    return out
+
+
+def make_server_app(prep: Prepared, run_dir: Path, outcome: Outcome, quiet: bool = False) -> ServerApp:
+    cfg, task = prep.cfg, prep.task
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        try:
+            _run(grid)
+        except BaseException as exc:  # surfaced by the engine after Flower returns
+            outcome.error = exc
+            raise
+
+    def _run(grid: Grid) -> None:
+        sink = MetricsSink(run_dir / "metrics.parquet")
+        device = select_device(cfg.train.device)
+        seed_everything(cfg.seed)
+        model = create_model(cfg.model.name, cfg.task, cfg.data.channels, prep.num_classes, cfg.model.pretrained).to(device)
+        loss_fn = task.make_loss(cfg.loss_name, cfg.train.class_weights).to(device)
+        arrays = ArrayRecord(trainable_state(model))
+        strategy = make_strategy(cfg.fl.strategy.name, dict(cfg.fl.strategy.options),
+                                 num_clients=len(prep.plan.clients), per_round=cfg.clients_per_round,
+                                 seed=cfg.seed, client_eval=cfg.fl.client_eval)
+        train_config = ConfigRecord({EXPERIMENT_KEY: cfg.to_yaml()})
+        main_metric = task.main_metric
+        select_view = ("central", cfg.data.val_split) if ("central", cfg.data.val_split) in prep.views \
+            else ("central", cfg.data.test_split)
+        ckpt = dict(cfg=cfg, num_classes=prep.num_classes, label_names=prep.label_names)
+        best, best_round = None, None
+
+        def evaluate_round(server_round: int) -> dict:
+            nonlocal best, best_round
+            load_global(model, arrays)
+            results = evaluate_views(prep, model, device, loss_fn, list(prep.views))
+            for (scope, vid), metrics in results.items():
+                sink.log(server_round, scope, vid, metrics)
+            score = results.get(select_view, {}).get(main_metric)
+            if score is not None and task.better(score, best):
+                best, best_round = score, server_round
+                save_checkpoint(run_dir / "best.safetensors", model, **ckpt, info={"round": server_round, main_metric: score})
+            save_checkpoint(run_dir / "last.safetensors", model, **ckpt, info={"round": server_round})
+            sink.flush()
+            return results
+
+        start = time.time()
+        results = evaluate_round(0)
+        _print_round(0, cfg.fl.rounds, results, select_view, main_metric, None, quiet)
+        failures_total = 0
+        for server_round in range(1, cfg.fl.rounds + 1):
+            messages = list(strategy.configure_train(server_round, arrays, train_config, grid))
+            replies = sorted(grid.send_and_receive(messages, timeout=cfg.fl.round_timeout), key=reply_client)
+            new_arrays, aggregated = strategy.aggregate_train(server_round, replies)
+            failed = sum(1 for r in replies if r.has_error()) + (len(messages) - len(replies))
+            failures_total += failed
+            if new_arrays is not None:
+                arrays = new_arrays
+            for reply in replies:
+                if not reply.has_error():
+                    m = reply.content["metrics"]
+                    sink.log(server_round, "client", str(int(m[CLIENT_KEY])),
+                             {k: float(v) for k, v in m.items() if k != CLIENT_KEY})
+            round_info = {"selected": len(messages), "replied": len(messages) - failed, "failures": failed,
+                          "failures_total": failures_total}
+            if aggregated is not None:
+                round_info["train_loss"] = float(aggregated["train_loss"])
+            sink.log(server_round, "round", "server", round_info)
+            if cfg.fl.client_eval:
+                eval_msgs = list(strategy.configure_evaluate(server_round, arrays, train_config, grid))
+                for reply in sorted(grid.send_and_receive(eval_msgs, timeout=cfg.fl.round_timeout), key=reply_client):
+                    if not reply.has_error():
+                        m = reply.content["metrics"]
+                        sink.log(server_round, "client_eval", str(int(m[CLIENT_KEY])),
+                                 {k: float(v) for k, v in m.items() if k != CLIENT_KEY})
+            results = evaluate_round(server_round)
+            _print_round(server_round, cfg.fl.rounds, results, select_view, main_metric, round_info, quiet)
+
+        series = sink.series(*select_view, main_metric)
+        outcome.summary = {
+            "task": cfg.task, "model": cfg.model.name, "strategy": cfg.fl.strategy.name,
+            "clients": len(prep.plan.clients), "clients_per_round": cfg.clients_per_round,
+            "rounds": cfg.fl.rounds, "main_metric": main_metric, "selected_by": "%s:%s" % select_view,
+            "best_value": best, "best_round": best_round,
+            "final": {f"{s}:{i}": m for (s, i), m in results.items()},
+            "rounds_to_threshold": rounds_to_thresholds(series, cfg.fl.thresholds, main_metric, task.mode),
+            "client_failures": failures_total,
+            "wall_time_s": round(time.time() - start, 2),
+        }
+        (run_dir / "summary.json").write_text(json.dumps(outcome.summary, indent=2) + "\n")
+        plot_series(run_dir / f"{main_metric}.png",
+                    {f"{s}:{i}": sink.series(s, i, main_metric) for (s, i) in prep.views if s in ("central", "holdout")},
+                    ylabel=main_metric, xlabel="round", title=f"{cfg.name}: {cfg.fl.strategy.name}")
+
+    return app
+
+
+def _print_round(server_round: int, rounds: int, results: dict, view: tuple, metric: str,
+                 info: dict | None, quiet: bool) -> None:
+    if quiet:
+        return
+    value = results.get(view, {}).get(metric, float("nan"))
+    extra = f", train loss {info['train_loss']:.4f}" if info and "train_loss" in info else ""
+    fails = f", {info['failures']} failed" if info and info.get("failures") else ""
+    print(f"[round {server_round}/{rounds}] {view[0]}:{view[1]} {metric} {value:.4f}{extra}{fails}", flush=True)

@@ -1,0 +1,128 @@
+"""Flower strategies by name, made reproducible.
+
+Flower samples clients with its own randomness and aggregates replies in arrival order, so two
+identical runs differ. ``Seeded`` (a mixin placed before the Flower strategy) picks the round's
+clients from the config's seed, tells each message which plan client to train, and aggregates
+replies sorted by client id. Everything else (FedAdam's moments, FedProx's mu ...) is Flower's.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+import numpy as np
+from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import (FedAdagrad, FedAdam, FedAvg, FedAvgM, FedMedian, FedProx,
+                                     FedTrimmedAvg, FedYogi, Krum)
+
+STRATEGIES: dict[str, type[FedAvg]] = {
+    "fedavg": FedAvg, "fedadam": FedAdam, "fedyogi": FedYogi, "fedadagrad": FedAdagrad,
+    "fedprox": FedProx, "fedavgm": FedAvgM, "fedmedian": FedMedian,
+    "fedtrimmedavg": FedTrimmedAvg, "krum": Krum,
+}
+CLIENT_KEY = "cid"  # which plan client a message is for, and a reply is from
+
+
+def select_clients(num_clients: int, per_round: int, seed: int, server_round: int) -> list[int]:
+    """The plan clients that train in ``server_round``: a pure function of the seed."""
+    rng = np.random.default_rng([seed, 7, server_round])
+    return sorted(rng.choice(num_clients, size=per_round, replace=False).tolist())
+
+
+class _Nodes:
+    """A view of the grid that offers exactly the chosen nodes (so the strategy takes them all)."""
+
+    def __init__(self, grid: Grid, nodes: list[int]) -> None:
+        self._grid, self._nodes = grid, nodes
+
+    def get_node_ids(self) -> list[int]:
+        return list(self._nodes)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._grid, name)
+
+
+def reply_client(message: Message) -> int:
+    """The plan client a reply is from (errors carry none: they sort last)."""
+    if message.has_error():
+        return 1 << 62
+    return int(message.content["metrics"][CLIENT_KEY])
+
+
+class Seeded:
+    """Seeded client selection and ordered aggregation for any FedAvg-family strategy."""
+
+    num_clients: int
+    per_round: int
+    seed: int
+    eval_clients: list[int] | None = None
+
+    def _route(self, server_round: int, grid: Grid, clients: list[int]) -> _Nodes:
+        nodes = sorted(grid.get_node_ids())
+        if len(nodes) < len(clients):
+            raise RuntimeError(f"{len(nodes)} nodes for {len(clients)} clients")
+        # Any virtual node can play any plan client: the message says which.
+        self._assignment = dict(zip(nodes, clients))
+        return _Nodes(grid, nodes[: len(clients)])
+
+    def configure_train(self, server_round: int, arrays, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        clients = select_clients(self.num_clients, self.per_round, self.seed, server_round)
+        self.last_selection = clients
+        return super().configure_train(server_round, arrays, config, self._route(server_round, grid, clients))
+
+    def configure_evaluate(self, server_round: int, arrays, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        if self.fraction_evaluate == 0.0:
+            return []
+        clients = self.last_selection
+        return super().configure_evaluate(server_round, arrays, config, self._route(server_round, grid, clients))
+
+    def _construct_messages(self, record: RecordDict, node_ids: list[int], message_type: str) -> Iterable[Message]:
+        messages = []
+        for node in sorted(node_ids):
+            config = ConfigRecord(dict(record[self.configrecord_key]))
+            config[CLIENT_KEY] = self._assignment[node]
+            content = RecordDict({self.arrayrecord_key: record[self.arrayrecord_key], self.configrecord_key: config})
+            messages.append(Message(content=content, message_type=message_type, dst_node_id=node))
+        return messages
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]):
+        replies = sorted(replies, key=reply_client)
+        self.last_replies = replies
+        return super().aggregate_train(server_round, replies)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]):
+        replies = sorted(replies, key=reply_client)
+        self.last_eval_replies = replies
+        return super().aggregate_evaluate(server_round, replies)
+
+
+def keep_mean(records: list[RecordDict], weighting_key: str) -> MetricRecord:
+    """Weighted mean of the numeric metrics, without the client id (per-client values are kept
+    from the replies themselves)."""
+    total = sum(float(r["metrics"][weighting_key]) for r in records) or 1.0
+    out: dict[str, float] = {}
+    for r in records:
+        w = float(r["metrics"][weighting_key]) / total
+        for k, v in r["metrics"].items():
+            if k not in (CLIENT_KEY, weighting_key) and isinstance(v, (int, float)):
+                out[k] = out.get(k, 0.0) + w * float(v)
+    out[weighting_key] = total
+    return MetricRecord(out)
+
+
+def make_strategy(name: str, options: dict[str, Any], *, num_clients: int, per_round: int, seed: int,
+                  client_eval: bool) -> FedAvg:
+    """A seeded instance of the named Flower strategy; bad options name the strategy."""
+    base = STRATEGIES[name]
+    cls = type(f"Seeded{base.__name__}", (Seeded, base), {})
+    kwargs = dict(fraction_train=1.0, fraction_evaluate=1.0 if client_eval else 0.0, min_train_nodes=1,
+                  min_evaluate_nodes=1, min_available_nodes=1, train_metrics_aggr_fn=keep_mean,
+                  evaluate_metrics_aggr_fn=keep_mean)
+    try:
+        strategy = cls(**kwargs, **options)
+    except TypeError as exc:
+        raise ValueError(f"fl.strategy.options for {name}: {exc}") from None
+    strategy.num_clients, strategy.per_round, strategy.seed = num_clients, per_round, seed
+    strategy.last_selection = []
+    return strategy

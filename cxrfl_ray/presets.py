@@ -1,0 +1,48 @@
+"""Named experiment presets: the embedded defaults and the CXR-FL paper's settings.
+
+A preset is a plain config dict; ``cxrfl simulate --preset NAME`` validates it like any YAML.
+"""
+
+from __future__ import annotations
+
+DEFAULT_DATA = "runs/default/phantoms-128"
+DEFAULT_DATA_ARGS = {"n": 800, "sites": 4, "size": 128, "seed": 0}
+
+_DEFAULT_FL = {"rounds": 5, "fraction": 0.5, "client_num_cpus": 1.0}
+
+PRESETS: dict[str, dict] = {
+    # Federated lung segmentation on phantoms: 8 clients, half per round, FedAvg, 5 rounds.
+    "default-segmentation": {
+        "name": "default-segmentation", "task": "segmentation", "out_dir": "runs/default",
+        "data": {"path": DEFAULT_DATA, "size": 128, "augment": False},
+        "model": {"name": "unet-resnet18"}, "partition": {"clients": 8},
+        "train": {"optimizer": "adam", "lr": 3e-3, "batch_size": 8, "steps": 5, "eval_batch_size": 32},
+        "fl": {**_DEFAULT_FL, "thresholds": {"jaccard": 0.85}},
+    },
+    # 3-class classification on the same phantoms.
+    "default-classification": {
+        "name": "default-classification", "task": "classification", "out_dir": "runs/default",
+        "data": {"path": DEFAULT_DATA, "size": 128, "augment": False},
+        "model": {"name": "resnet18"}, "partition": {"clients": 8},
+        "train": {"optimizer": "sgd", "lr": 0.02, "momentum": 0.9, "batch_size": 10, "steps": 6,
+                  "eval_batch_size": 64},
+        "fl": {**_DEFAULT_FL, "thresholds": {"accuracy": 0.8}},
+    },
+    # The paper's segmentation: UNet++ EfficientNet-B4, 1024 px, batch 2, Adagrad 1e-3, 15 rounds, 3 clients.
+    "paper-segmentation": {
+        "name": "paper-segmentation", "task": "segmentation",
+        "data": {"path": "data/lungseg", "size": 1024, "augment": True},
+        "model": {"name": "unetplusplus-efficientnet-b4"}, "partition": {"clients": 3},
+        "train": {"optimizer": "adagrad", "lr": 1e-3, "batch_size": 2, "epochs": 1, "device": "cuda"},
+        "fl": {"rounds": 15, "fraction": 1.0, "client_num_gpus": 1.0, "thresholds": {"jaccard": 0.92}},
+    },
+    # The paper's classification: ResNet50 (or DenseNet121), 224 px, Adam 1e-4, wd 1e-5, batch 8, 10 rounds.
+    "paper-classification": {
+        "name": "paper-classification", "task": "classification",
+        "data": {"path": "data/rsna", "size": 224, "channels": 3, "imagenet_norm": True, "augment": True},
+        "model": {"name": "resnet50"}, "partition": {"clients": 3},
+        "train": {"optimizer": "adam", "lr": 1e-4, "weight_decay": 1e-5, "batch_size": 8, "epochs": 1,
+                  "device": "cuda"},
+        "fl": {"rounds": 10, "fraction": 1.0, "client_num_gpus": 1.0},
+    },
+}

@@ -1,0 +1,132 @@
+"""`cxrfl simulate`: the real Flower simulation engine on a real local Ray runtime.
+
+Flower's Ray backend shuts Ray down when a simulation ends, so each simulation here starts its
+own small Ray (2 CPUs, no dashboard); the tests keep the number of simulations small.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from cxrfl_ray.config import ConfigError, build_config
+from cxrfl_ray.fl.engine import run_federated
+from cxrfl_ray.fl.client import _failure_draw
+from cxrfl_ray.fl.strategies import select_clients
+
+RAY = {"num_cpus": 2, "object_store_memory": 100 * 1024**2}
+
+
+def config(dataset, tmp_path, **over):
+    base = {"name": "sim", "out_dir": str(tmp_path), "seed": 3, "task": "classification",
+            "data": {"path": str(dataset), "size": 48, "augment": True},
+            "model": {"name": "tiny-conv"}, "partition": {"clients": 4},
+            "train": {"steps": 2, "batch_size": 8, "lr": 0.01},
+            "fl": {"rounds": 3, "fraction": 0.5, "ray_init": RAY, "round_timeout": 120}}
+    for key, value in over.items():
+        base[key] = {**base.get(key, {}), **value} if isinstance(value, dict) else value
+    return build_config(base)
+
+
+def table(run):
+    return pq.read_table(run / "metrics.parquet").to_pylist()
+
+
+@pytest.mark.timeout(300)
+def test_simulation_evaluates_every_round_on_every_view(phantoms, tmp_path):
+    data = phantoms(n=200, size=48)
+    cfg = config(data, tmp_path, data={"holdout_sites": ["site3"]},
+                 fl={"client_eval": True, "thresholds": {"accuracy": 0.0}})
+    run = run_federated(cfg, quiet=True)
+    rows = table(run)
+    views = {(r["scope"], r["id"]) for r in rows if r["metric"] == "accuracy" and r["scope"] in ("central", "site", "holdout")}
+    assert views == {("central", "val"), ("central", "test"), ("site", "site0"), ("site", "site1"),
+                     ("site", "site2"), ("holdout", "site3")}
+    for view in views:
+        rounds = sorted(r["round"] for r in rows if (r["scope"], r["id"]) == view and r["metric"] == "accuracy")
+        assert rounds == [0, 1, 2, 3], view
+    # Each round trains the seeded cohort, and every trained client's metrics are kept.
+    for rnd in (1, 2, 3):
+        trained = sorted(int(r["id"]) for r in rows if r["scope"] == "client" and r["round"] == rnd and r["metric"] == "train_loss")
+        assert trained == select_clients(4, 2, 3, rnd)
+        evaluated = sorted(int(r["id"]) for r in rows if r["scope"] == "client_eval" and r["round"] == rnd and r["metric"] == "accuracy")
+        assert evaluated == trained
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["rounds_to_threshold"] == {"accuracy>=0.0": 0}
+    assert summary["clients_per_round"] == 2 and summary["client_failures"] == 0
+    val = {r["round"]: r["value"] for r in rows if (r["scope"], r["id"], r["metric"]) == ("central", "val", "accuracy")}
+    assert summary["best_value"] == max(val.values())
+    for name in ("config.yaml", "best.safetensors", "last.safetensors", "accuracy.png"):
+        assert (run / name).is_file()
+
+
+@pytest.mark.timeout(400)
+def test_failures_are_counted_and_identical_configs_give_identical_metrics(phantoms, tmp_path):
+    data = phantoms(n=200, size=48)
+    cfg = config(data, tmp_path, faults={"client_failure_rate": 0.2}, partition={"clients": 5},
+                 fl={"rounds": 4, "fraction": 1.0}, seed=11)
+    runs = [run_federated(cfg, quiet=True) for _ in range(2)]
+    expected = {rnd: sum(_failure_draw(11, rnd, c) < 0.2 for c in range(5)) for rnd in range(1, 5)}
+    assert sum(expected.values()) > 0  # the seed really injects failures
+    first = table(runs[0])
+    failures = {r["round"]: r["value"] for r in first if r["scope"] == "round" and r["metric"] == "failures"}
+    assert failures == expected
+    trained = {rnd: sum(1 for r in first if r["scope"] == "client" and r["round"] == rnd and r["metric"] == "train_loss")
+               for rnd in range(1, 5)}
+    assert trained == {rnd: 5 - expected[rnd] for rnd in range(1, 5)}
+    assert json.loads((runs[0] / "summary.json").read_text())["client_failures"] == sum(expected.values())
+    strip = lambda rows: [(r["round"], r["scope"], r["id"], r["metric"], r["value"]) for r in rows]  # noqa: E731
+    assert strip(first) == strip(table(runs[1]))
+
+
+@pytest.mark.parametrize("over, message", [
+    ({"fl": {"fraction": 0.0}}, "fl.fraction: Input should be greater than 0"),
+    ({"fl": {"fraction": 1.5}}, "fl.fraction: Input should be less than or equal to 1"),
+    ({"fl": {"min_clients": 9}}, "fl.min_clients 9 is more than partition.clients 4"),
+    ({"fl": {"strategy": {"name": "fedfoo"}}}, "fl.strategy.name"),
+])
+def test_invalid_federations_are_refused_by_the_config(phantoms, tmp_path, over, message):
+    with pytest.raises(ConfigError, match=message):
+        config(phantoms(n=200, size=48), tmp_path, **over)
+
+
+def test_invalid_runs_stop_before_ray_starts(phantoms, tmp_path):
+    import ray
+
+    data = phantoms(n=200, size=48)
+    with pytest.raises(ConfigError, match="fl.strategy.options for fedadam: .*unexpected keyword argument 'etta'"):
+        run_federated(config(data, tmp_path, fl={"strategy": {"name": "fedadam", "options": {"etta": 0.1}}}))
+    with pytest.raises(ConfigError, match=r"more clients \(500\) than patients"):
+        run_federated(config(data, tmp_path, partition={"clients": 500}))
+    from cxrfl_ray.data.writer import DatasetWriter
+    from tests.conftest import make_rows
+
+    with DatasetWriter(tmp_path / "nomask", name="n", label_names=["a", "b", "c"]) as w:
+        for r in make_rows(30, masks=False):
+            w.add(r)
+    with pytest.raises(ConfigError, match="needs lung masks"):
+        run_federated(config(tmp_path / "nomask", tmp_path, task="segmentation", model={"name": "tiny-conv-seg"}))
+    assert not ray.is_initialized()
+    assert not list(tmp_path.glob("sim-fl-*"))
+
+
+def test_presets_are_valid_and_the_cli_names_unknown_ones(tmp_path, capsys, monkeypatch):
+    from cxrfl_ray.cli import main as cxrfl
+    from cxrfl_ray.presets import PRESETS
+
+    for name, preset in PRESETS.items():
+        cfg = build_config(preset, source=name)
+        assert cfg.name == name
+    paper = build_config(PRESETS["paper-segmentation"])
+    assert (paper.model.name, paper.data.size, paper.train.batch_size, paper.train.optimizer, paper.fl.rounds,
+            paper.partition.clients) == ("unetplusplus-efficientnet-b4", 1024, 2, "adagrad", 15, 3)
+    assert cxrfl(["simulate", "--preset", "nope"]) == 2
+    assert "unknown preset 'nope'" in capsys.readouterr().err
+    monkeypatch.chdir(tmp_path)  # the default data is generated on first use, relative to here
+    assert cxrfl(["simulate", "--preset", "default-classification", "--print-config", "--quiet",
+                  "--set", "fl.rounds=2"]) == 0
+    assert "rounds: 2" in capsys.readouterr().out
+    assert (tmp_path / "runs/default/phantoms-128/dataset.json").is_file()
