@@ -139,6 +139,10 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     from cxrfl_ray.fl.engine import run_federated
     from cxrfl_ray.presets import DEFAULT_DATA_ARGS, PRESETS
 
+    if args.resume:
+        run = run_federated(resume=args.resume, quiet=args.quiet, verbose=args.verbose)
+        print(f"results: {run.resolve()}")
+        return 0
     if args.config:
         configs = [load_config(args.config, args.set)]
     else:
@@ -261,6 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", help="a named preset: default-segmentation, default-classification, "
                                     "paper-segmentation, paper-classification")
     p.add_argument("--print-config", action="store_true", help="print the resolved config(s) and stop")
+    p.add_argument("--resume", metavar="RUN", help="continue an interrupted simulation from its run folder")
     p.add_argument("--quiet", action="store_true", help="no per-round lines")
     p.add_argument("--verbose", action="store_true", help="Flower's and Ray's own logs")
     p.set_defaults(func=cmd_simulate)

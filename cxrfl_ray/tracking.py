@@ -28,6 +28,16 @@ class MetricsSink:
         self.start = start or time.time()
         self.rows: list[dict] = []
 
+    @classmethod
+    def resume(cls, path: str | Path, up_to_round: int) -> "MetricsSink":
+        """Reopen a run's metrics, keeping rows of completed rounds (a killed run may have
+        written part of the next one); wall time continues from where it stopped."""
+        rows = [r for r in pq.read_table(path).to_pylist() if r["round"] <= up_to_round] if Path(path).exists() else []
+        last = max((r["wall_time"] for r in rows), default=0.0)
+        sink = cls(path, start=time.time() - last)
+        sink.rows = rows
+        return sink
+
     def log(self, round_: int, scope: str, id_: str, metrics: Mapping[str, float]) -> None:
         now = time.time() - self.start
         for name, value in metrics.items():
@@ -47,3 +57,40 @@ class MetricsSink:
 
 def read_metrics(path: str | Path) -> pa.Table:
     return pq.read_table(path)
+
+
+class WandbRun:
+    """One W&B run per simulation: the config once, then one ``log`` per round.
+
+    Offline by default and never asks for a login: the mode goes through ``WANDB_MODE`` (Ray's
+    W&B integration ignores a ``mode=`` argument), files land in the run folder, and nothing is
+    sent unless the config says ``tracking.wandb: online``.
+    """
+
+    def __init__(self, mode: str, run_dir: Path, config: dict, name: str, group: str | None = None) -> None:
+        self.run = None
+        if mode == "disabled":
+            return
+        import os
+
+        os.environ["WANDB_MODE"] = mode
+        os.environ.setdefault("WANDB_SILENT", "true")
+        os.environ.setdefault("WANDB_DISABLE_GIT", "true")
+        run_dir.mkdir(parents=True, exist_ok=True)  # W&B needs its dir to exist
+        import wandb
+
+        self.run = wandb.init(project="cxrfl-ray", name=name, group=group, dir=str(run_dir), config=config,
+                              mode=mode, reinit="finish_previous")
+
+    def log_round(self, round_: int, rows: list[dict]) -> None:
+        if self.run is not None:
+            self.run.log({f"{r['scope']}/{r['id']}/{r['metric']}": r["value"] for r in rows if r["round"] == round_},
+                         step=round_)
+
+    def finish(self, summary: dict | None = None) -> None:
+        if self.run is not None:
+            for key, value in (summary or {}).items():
+                if isinstance(value, (int, float, str)) or value is None:
+                    self.run.summary[key] = value
+            self.run.finish()
+            self.run = None

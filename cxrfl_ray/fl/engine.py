@@ -15,8 +15,9 @@ import os
 from pathlib import Path
 
 from cxrfl_ray.baseline import new_run_dir
-from cxrfl_ray.config import ConfigError, ExperimentConfig
+from cxrfl_ray.config import ConfigError, ExperimentConfig, load_config
 from cxrfl_ray.experiment import prepare
+from cxrfl_ray.fl.state import STATE_FILE, saved_round
 from cxrfl_ray.fl.strategies import make_strategy
 
 QUIET_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "RAY_DEDUP_LOGS": "1", "RAY_USAGE_STATS_ENABLED": "0",
@@ -42,8 +43,22 @@ def backend_config(cfg: ExperimentConfig) -> dict:
             "init_args": init}
 
 
-def run_federated(cfg: ExperimentConfig, quiet: bool = False, verbose: bool = False) -> Path:
-    """Run one federated simulation; returns its run folder."""
+def run_federated(cfg: ExperimentConfig | None = None, quiet: bool = False, verbose: bool = False,
+                  resume: str | Path | None = None) -> Path:
+    """Run one federated simulation; returns its run folder.
+
+    ``resume``: a run folder of an interrupted simulation; it continues after the last completed
+    round with that folder's own config (``cfg`` is then ignored).
+    """
+    if resume is not None:
+        run_dir = Path(resume)
+        done = saved_round(run_dir) if run_dir.is_dir() else None
+        if done is None:
+            raise ConfigError(f"--resume {run_dir}: no saved round state ({STATE_FILE}) in that folder")
+        cfg = load_config(run_dir / "config.yaml")
+        if done >= cfg.fl.rounds:
+            raise ConfigError(f"--resume {run_dir}: all {cfg.fl.rounds} rounds are already done")
+    assert cfg is not None
     for key, value in QUIET_ENV.items():
         os.environ.setdefault(key, value)
     if not verbose:
@@ -61,11 +76,13 @@ def run_federated(cfg: ExperimentConfig, quiet: bool = False, verbose: bool = Fa
     from cxrfl_ray.fl.client import app as client_app
     from cxrfl_ray.fl.server import Outcome, make_server_app
 
-    run_dir = new_run_dir(cfg, "fl")
-    cfg.save(run_dir / "config.yaml")
+    if resume is None:
+        run_dir = new_run_dir(cfg, "fl")
+        cfg.save(run_dir / "config.yaml")
     outcome = Outcome()
     # Any virtual node can play any plan client, so only a round's cohort of nodes is needed.
-    run_simulation(server_app=make_server_app(prep, run_dir, outcome, quiet), client_app=client_app,
+    server_app = make_server_app(prep, run_dir, outcome, quiet, resume=resume is not None)
+    run_simulation(server_app=server_app, client_app=client_app,
                    num_supernodes=cfg.clients_per_round, backend_config=backend_config(cfg),
                    verbose_logging=verbose)
     if outcome.error is not None:

@@ -17,12 +17,13 @@ from flwr.serverapp import Grid, ServerApp
 
 from cxrfl_ray.experiment import Prepared, evaluate_views
 from cxrfl_ray.fl.client import EXPERIMENT_KEY, load_global, trainable_state
+from cxrfl_ray.fl.state import load_state, restore_strategy, save_state
 from cxrfl_ray.fl.strategies import CLIENT_KEY, make_strategy, reply_client
 from cxrfl_ray.plots import plot_series
 from cxrfl_ray.tasks.checkpoint import save_checkpoint
 from cxrfl_ray.tasks.models import create_model
 from cxrfl_ray.tasks.training import seed_everything, select_device
-from cxrfl_ray.tracking import MetricsSink
+from cxrfl_ray.tracking import MetricsSink, WandbRun
 
 log = logging.getLogger("cxrfl.fl")
 
@@ -47,7 +48,8 @@ def rounds_to_thresholds(series: list[tuple[int, float]], thresholds: dict[str, 
     return out
 
 
-def make_server_app(prep: Prepared, run_dir: Path, outcome: Outcome, quiet: bool = False) -> ServerApp:
+def make_server_app(prep: Prepared, run_dir: Path, outcome: Outcome, quiet: bool = False,
+                    resume: bool = False) -> ServerApp:
     cfg, task = prep.cfg, prep.task
     app = ServerApp()
 
@@ -60,7 +62,13 @@ def make_server_app(prep: Prepared, run_dir: Path, outcome: Outcome, quiet: bool
             raise
 
     def _run(grid: Grid) -> None:
-        sink = MetricsSink(run_dir / "metrics.parquet")
+        tracker = WandbRun(cfg.tracking.wandb, run_dir, cfg.model_dump(mode="json"), name=run_dir.name)
+        try:
+            _rounds(grid, tracker)
+        finally:
+            tracker.finish(outcome.summary)
+
+    def _rounds(grid: Grid, tracker: WandbRun) -> None:
         device = select_device(cfg.train.device)
         seed_everything(cfg.seed)
         model = create_model(cfg.model.name, cfg.task, cfg.data.channels, prep.num_classes, cfg.model.pretrained).to(device)
@@ -76,6 +84,8 @@ def make_server_app(prep: Prepared, run_dir: Path, outcome: Outcome, quiet: bool
         ckpt = dict(cfg=cfg, num_classes=prep.num_classes, label_names=prep.label_names)
         best, best_round = None, None
 
+        sink: MetricsSink
+
         def evaluate_round(server_round: int) -> dict:
             nonlocal best, best_round
             load_global(model, arrays)
@@ -90,11 +100,23 @@ def make_server_app(prep: Prepared, run_dir: Path, outcome: Outcome, quiet: bool
             sink.flush()
             return results
 
-        start = time.time()
-        results = evaluate_round(0)
-        _print_round(0, cfg.fl.rounds, results, select_view, main_metric, None, quiet)
-        failures_total = 0
-        for server_round in range(1, cfg.fl.rounds + 1):
+        if resume:
+            done, arrays, strategy_state, extra = load_state(run_dir)
+            restore_strategy(strategy, strategy_state)
+            best, best_round, failures_total = extra["best"], extra["best_round"], extra["failures_total"]
+            sink = MetricsSink.resume(run_dir / "metrics.parquet", done)
+            results = {}
+            if not quiet:
+                print(f"resuming {run_dir} after round {done}", flush=True)
+        else:
+            done, failures_total = 0, 0
+            sink = MetricsSink(run_dir / "metrics.parquet")
+            results = evaluate_round(0)
+            tracker.log_round(0, sink.rows)
+            save_state(run_dir, 0, arrays, strategy, {"best": best, "best_round": best_round, "failures_total": 0})
+            _print_round(0, cfg.fl.rounds, results, select_view, main_metric, None, quiet)
+        start = sink.start
+        for server_round in range(done + 1, cfg.fl.rounds + 1):
             messages = list(strategy.configure_train(server_round, arrays, train_config, grid))
             replies = sorted(grid.send_and_receive(messages, timeout=cfg.fl.round_timeout), key=reply_client)
             new_arrays, aggregated = strategy.aggregate_train(server_round, replies)
@@ -120,6 +142,9 @@ def make_server_app(prep: Prepared, run_dir: Path, outcome: Outcome, quiet: bool
                         sink.log(server_round, "client_eval", str(int(m[CLIENT_KEY])),
                                  {k: float(v) for k, v in m.items() if k != CLIENT_KEY})
             results = evaluate_round(server_round)
+            tracker.log_round(server_round, sink.rows)
+            save_state(run_dir, server_round, arrays, strategy,
+                       {"best": best, "best_round": best_round, "failures_total": failures_total})
             _print_round(server_round, cfg.fl.rounds, results, select_view, main_metric, round_info, quiet)
 
         series = sink.series(*select_view, main_metric)

@@ -25,7 +25,8 @@ def config(dataset, tmp_path, **over):
             "data": {"path": str(dataset), "size": 48, "augment": True},
             "model": {"name": "tiny-conv"}, "partition": {"clients": 4},
             "train": {"steps": 2, "batch_size": 8, "lr": 0.01},
-            "fl": {"rounds": 3, "fraction": 0.5, "ray_init": RAY, "round_timeout": 120}}
+            "fl": {"rounds": 3, "fraction": 0.5, "ray_init": RAY, "round_timeout": 120},
+            "tracking": {"wandb": "disabled"}}
     for key, value in over.items():
         base[key] = {**base.get(key, {}), **value} if isinstance(value, dict) else value
     return build_config(base)
@@ -39,7 +40,7 @@ def table(run):
 def test_simulation_evaluates_every_round_on_every_view(phantoms, tmp_path):
     data = phantoms(n=200, size=48)
     cfg = config(data, tmp_path, data={"holdout_sites": ["site3"]},
-                 fl={"client_eval": True, "thresholds": {"accuracy": 0.0}})
+                 fl={"client_eval": True, "thresholds": {"accuracy": 0.0}}, tracking={"wandb": "offline"})
     run = run_federated(cfg, quiet=True)
     rows = table(run)
     views = {(r["scope"], r["id"]) for r in rows if r["metric"] == "accuracy" and r["scope"] in ("central", "site", "holdout")}
@@ -59,8 +60,13 @@ def test_simulation_evaluates_every_round_on_every_view(phantoms, tmp_path):
     assert summary["clients_per_round"] == 2 and summary["client_failures"] == 0
     val = {r["round"]: r["value"] for r in rows if (r["scope"], r["id"], r["metric"]) == ("central", "val", "accuracy")}
     assert summary["best_value"] == max(val.values())
-    for name in ("config.yaml", "best.safetensors", "last.safetensors", "accuracy.png"):
+    for name in ("config.yaml", "best.safetensors", "last.safetensors", "accuracy.png", "state.safetensors"):
         assert (run / name).is_file()
+    # One offline W&B run with the config and per-round metrics, written inside the run folder.
+    (wandb_run,) = (run / "wandb").glob("offline-run-*")
+    (history,) = wandb_run.glob("run-*.wandb")
+    assert history.stat().st_size > 1000
+    assert b"central/test/accuracy" in history.read_bytes()
 
 
 @pytest.mark.timeout(400)
@@ -130,3 +136,73 @@ def test_presets_are_valid_and_the_cli_names_unknown_ones(tmp_path, capsys, monk
                   "--set", "fl.rounds=2"]) == 0
     assert "rounds: 2" in capsys.readouterr().out
     assert (tmp_path / "runs/default/phantoms-128/dataset.json").is_file()
+
+
+def _descendants(pid: int) -> list[int]:
+    """All processes below ``pid`` (Ray's GCS, raylet and workers of a killed driver)."""
+    import os
+
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as fh:
+                    ppid = int(fh.read().rsplit(")", 1)[1].split()[1])
+            except OSError:
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+@pytest.mark.timeout(500)
+def test_a_killed_run_resumes_to_the_same_metrics(phantoms, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from cxrfl_ray.fl.state import saved_round
+
+    data = phantoms(n=200, size=48)
+    cfg = config(data, tmp_path, fl={"rounds": 4, "strategy": {"name": "fedadam", "options": {"eta": 0.05}}})
+    reference = run_federated(cfg, quiet=True)
+    cfg_path = cfg.save(tmp_path / "cfg.yaml")
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "cxrfl_ray.cli", "simulate", str(cfg_path), "--quiet",
+                             "--set", f"out_dir={out}"], start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 240
+        run = None
+        while time.time() < deadline:
+            runs = list(out.glob("sim-fl-*")) if out.exists() else []
+            if runs and (saved_round(runs[0]) or 0) >= 2:
+                run = runs[0]
+                break
+            assert proc.poll() is None, "the run ended before it could be killed"
+            time.sleep(0.2)
+        assert run is not None, "round 2 never completed"
+    finally:
+        victims = _descendants(proc.pid)
+        os.killpg(proc.pid, signal.SIGKILL)
+        for pid in victims:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        proc.wait()
+    assert saved_round(run) < 4
+    resumed = run_federated(resume=run, quiet=True)
+    assert resumed == run
+    strip = lambda rows: [(r["round"], r["scope"], r["id"], r["metric"], r["value"]) for r in rows]  # noqa: E731
+    assert strip(table(resumed)) == strip(table(reference))
+    for key in ("best_value", "best_round", "final", "client_failures"):
+        assert json.loads((resumed / "summary.json").read_text())[key] == json.loads((reference / "summary.json").read_text())[key]
+    with pytest.raises(ConfigError, match="all 4 rounds are already done"):
+        run_federated(resume=run)
