@@ -30,6 +30,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/data_io.py --quick
 	$(BIN)/python benchmarks/partition.py
 	$(BIN)/python benchmarks/train_step.py --quick
+	$(BIN)/python benchmarks/engine_overhead.py --quick
 
 clean:
 	rm -rf runs plans .pytest_cache

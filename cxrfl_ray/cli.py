@@ -133,8 +133,6 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
-    import yaml
-
     from cxrfl_ray.config import build_config, load_config
     from cxrfl_ray.fl.engine import run_federated
     from cxrfl_ray.presets import DEFAULT_DATA_ARGS, PRESETS

@@ -5,6 +5,7 @@ resident per actor in ``_RUNTIMES`` instead of being rebuilt for every message."
 from __future__ import annotations
 
 import hashlib
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -80,6 +81,35 @@ def _failure_draw(seed: int, server_round: int, cid: int) -> float:
     return float(np.random.default_rng([seed, 13, server_round, cid]).random())
 
 
+def _proximal_term(model: torch.nn.Module, mu: float):
+    """FedProx: (mu / 2) * ||w - w_global||^2, anchored at the weights the round started from."""
+    anchor = [p.detach().clone() for p in model.parameters()]
+
+    def term(m: torch.nn.Module) -> torch.Tensor:
+        return (mu / 2) * sum(((p - a) ** 2).sum() for p, a in zip(m.parameters(), anchor))
+
+    return term
+
+
+def fit_client(rt: Runtime, cid: int, server_round: int, proximal_mu: float = 0.0) -> dict[str, float]:
+    """One client's local work in one round, on the model as it is (the global weights).
+
+    Every random choice comes from (seed, round, client), so the result does not depend on
+    which actor or process runs it: the engine and the in-process benchmark floor both call this.
+    """
+    cfg = rt.cfg
+    seed_everything(cfg.seed * 1_000_003 + server_round * 10_007 + cid)
+    images = rt.client_images(cid)
+    loader = DataLoader(images, batch_size=cfg.train.batch_size, shuffle=True,
+                        generator=torch.Generator().manual_seed(cfg.seed + 7919 * server_round + cid),
+                        num_workers=cfg.data.num_workers)
+    optimizer = make_optimizer(rt.model.parameters(), cfg.train)
+    regulariser = _proximal_term(rt.model, proximal_mu) if proximal_mu > 0 else None
+
+    return train_local(rt.model, loader, rt.loss_fn, optimizer, rt.device, epochs=cfg.train.epochs,
+                       steps=cfg.train.steps, first_epoch=server_round * cfg.train.epochs, regulariser=regulariser)
+
+
 app = ClientApp()
 
 
@@ -91,25 +121,12 @@ def train(msg: Message, context: Context) -> Message:
     cid, server_round = int(config[CLIENT_KEY]), int(config["server-round"])
     if _failure_draw(cfg.seed, server_round, cid) < cfg.faults.client_failure_rate:
         raise InjectedClientFailure(f"injected failure of client {cid} in round {server_round}")
+    started = time.perf_counter()
     load_global(rt.model, msg.content["arrays"])
-    seed_everything(cfg.seed * 1_000_003 + server_round * 10_007 + cid)
+    fit = fit_client(rt, cid, server_round, float(config.get("proximal_mu", 0.0)))
     images = rt.client_images(cid)
-    loader = DataLoader(images, batch_size=cfg.train.batch_size, shuffle=True,
-                        generator=torch.Generator().manual_seed(cfg.seed + 7919 * server_round + cid),
-                        num_workers=cfg.data.num_workers)
-    optimizer = make_optimizer(rt.model.parameters(), cfg.train)
-    regulariser = None
-    mu = float(config.get("proximal_mu", 0.0))
-    if mu > 0:
-        anchor = [p.detach().clone() for p in rt.model.parameters()]
-
-        def regulariser(model: torch.nn.Module) -> torch.Tensor:
-            return (mu / 2) * sum(((p - a) ** 2).sum() for p, a in zip(model.parameters(), anchor))
-
-    fit = train_local(rt.model, loader, rt.loss_fn, optimizer, rt.device, epochs=cfg.train.epochs,
-                      steps=cfg.train.steps, first_epoch=server_round * cfg.train.epochs, regulariser=regulariser)
     metrics = MetricRecord({CLIENT_KEY: cid, "num-examples": len(images), "train_loss": fit["loss"],
-                            "steps": fit["steps"]})
+                            "steps": fit["steps"], "fit_seconds": time.perf_counter() - started})
     content = RecordDict({"arrays": ArrayRecord(trainable_state(rt.model)), "metrics": metrics})
     return Message(content=content, reply_to=msg)
 

@@ -11,9 +11,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
+from tqdm import tqdm
 
 from cxrfl_ray.experiment import Prepared, evaluate_views
 from cxrfl_ray.fl.client import EXPERIMENT_KEY, load_global, trainable_state
@@ -116,6 +116,7 @@ def make_server_app(prep: Prepared, run_dir: Path, outcome: Outcome, quiet: bool
             save_state(run_dir, 0, arrays, strategy, {"best": best, "best_round": best_round, "failures_total": 0})
             _print_round(0, cfg.fl.rounds, results, select_view, main_metric, None, quiet)
         start = sink.start
+        bar = tqdm(total=cfg.fl.rounds, initial=done, unit="round", desc=cfg.name, disable=quiet, leave=False)
         for server_round in range(done + 1, cfg.fl.rounds + 1):
             messages = list(strategy.configure_train(server_round, arrays, train_config, grid))
             replies = sorted(grid.send_and_receive(messages, timeout=cfg.fl.round_timeout), key=reply_client)
@@ -146,6 +147,8 @@ def make_server_app(prep: Prepared, run_dir: Path, outcome: Outcome, quiet: bool
             save_state(run_dir, server_round, arrays, strategy,
                        {"best": best, "best_round": best_round, "failures_total": failures_total})
             _print_round(server_round, cfg.fl.rounds, results, select_view, main_metric, round_info, quiet)
+            bar.update(1)
+        bar.close()
 
         series = sink.series(*select_view, main_metric)
         outcome.summary = {
@@ -173,4 +176,4 @@ def _print_round(server_round: int, rounds: int, results: dict, view: tuple, met
     value = results.get(view, {}).get(metric, float("nan"))
     extra = f", train loss {info['train_loss']:.4f}" if info and "train_loss" in info else ""
     fails = f", {info['failures']} failed" if info and info.get("failures") else ""
-    print(f"[round {server_round}/{rounds}] {view[0]}:{view[1]} {metric} {value:.4f}{extra}{fails}", flush=True)
+    tqdm.write(f"[round {server_round}/{rounds}] {view[0]}:{view[1]} {metric} {value:.4f}{extra}{fails}")

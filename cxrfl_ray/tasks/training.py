@@ -6,7 +6,6 @@ number of epochs or steps, return what happened. Nothing here knows about Flower
 
 from __future__ import annotations
 
-import math
 import random
 from typing import Callable, Iterable
 

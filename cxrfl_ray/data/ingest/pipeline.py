@@ -18,7 +18,6 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 from tqdm import tqdm
 
-from cxrfl_ray.data.fields import clean, parse_age  # noqa: F401  (re-exported for layouts)
 from cxrfl_ray.data.imageio import ImageReadError, downscale, encode_png, read_image
 from cxrfl_ray.data.schema import NO_LABEL
 from cxrfl_ray.data.splits import patient_split

@@ -1,0 +1,127 @@
+"""`cxrfl simulate` against the compute floor: an in-process loop doing exactly the same local
+steps with the same seeds, the model kept in memory, FedAvg and the same server evaluation.
+
+Reports, per model: total wall time of each, their ratio, the engine's start-up (Ray, actors,
+imports, each actor's data and model: everything up to the end of round 1 beyond the floor's
+set-up and first round), and the mean steady-state round time (rounds 2..R) of each. With one
+CPU per actor and 2 actors, the engine trains two clients at once where the floor trains one
+after the other, so a steady-state ratio below 1 is possible on 2 cores. The final validation metric of both is printed as a check that the
+work was the same.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks._common import report  # noqa: E402
+from cxrfl_ray.config import build_config  # noqa: E402
+from cxrfl_ray.data.synth import write_synthetic_dataset  # noqa: E402
+from cxrfl_ray.experiment import evaluate_views  # noqa: E402
+from cxrfl_ray.fl.client import fit_client, runtime, trainable_state  # noqa: E402
+from cxrfl_ray.fl.engine import run_federated  # noqa: E402
+from cxrfl_ray.fl.strategies import select_clients  # noqa: E402
+from cxrfl_ray.tasks.models import create_model  # noqa: E402
+from cxrfl_ray.tasks.training import seed_everything  # noqa: E402
+
+CASES = {
+    # name: (model, image size, steps per round, batch size)
+    "tiny-conv (~50 ms/client)": ("tiny-conv", 64, 3, 8),
+    "resnet18 128px (>=1 s/client)": ("resnet18", 128, 3, 8),
+}
+
+
+def floor(cfg) -> tuple[float, float, list[float], float]:
+    """In-process FedAvg with the engine's exact local work; returns (setup s, total s, round s, val)."""
+    start = time.perf_counter()
+    rt = runtime(cfg.to_yaml())
+    prep = rt.prep
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    seed_everything(cfg.seed)
+    server = create_model(cfg.model.name, cfg.task, cfg.data.channels, prep.num_classes)
+    arrays = trainable_state(server)
+    evaluate_views(prep, server, rt.device, rt.loss_fn, list(prep.views))
+    setup = time.perf_counter() - start
+    rounds = []
+    for rnd in range(1, cfg.fl.rounds + 1):
+        t = time.perf_counter()
+        states, weights = [], []
+        for cid in select_clients(len(prep.plan.clients), cfg.clients_per_round, cfg.seed, rnd):
+            rt.model.load_state_dict(arrays, strict=False)
+            fit_client(rt, cid, rnd)
+            states.append({k: v.detach().clone() for k, v in trainable_state(rt.model).items()})
+            weights.append(len(rt.client_images(cid)))
+        w = np.asarray(weights, dtype=np.float64) / sum(weights)
+        arrays = {k: sum(float(wi) * s[k].double() for wi, s in zip(w, states)).to(states[0][k].dtype) for k in states[0]}
+        server.load_state_dict(arrays, strict=False)
+        results = evaluate_views(prep, server, rt.device, rt.loss_fn, list(prep.views))
+        rounds.append(time.perf_counter() - t)
+    main = prep.task.main_metric
+    return setup, time.perf_counter() - start, rounds, results[("central", "val")][main]
+
+
+def engine(cfg) -> tuple[float, float, list[float], float]:
+    start = time.perf_counter()
+    run = run_federated(cfg, quiet=True)
+    total = time.perf_counter() - start
+    rows = pq.read_table(run / "metrics.parquet").to_pylist()
+    ends = {}
+    for r in rows:
+        ends[r["round"]] = max(ends.get(r["round"], 0.0), r["wall_time"])
+    rounds = [ends[k] - ends[k - 1] for k in range(1, cfg.fl.rounds + 1)]
+    main = "jaccard" if cfg.task == "segmentation" else "accuracy"
+    val = [r["value"] for r in rows if (r["scope"], r["id"], r["metric"], r["round"]) == ("central", "val", main, cfg.fl.rounds)][0]
+    return total - sum(rounds), total, rounds, val
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="3 rounds, 4 clients, 2 per round")
+    args = parser.parse_args()
+    rounds, clients = (3, 4) if args.quick else (5, 8)
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        data = Path(tmp) / "data"
+        write_synthetic_dataset(data, n=400, sites=4, size=128, seed=0, progress=False)
+        for label, (model, size, steps, batch) in CASES.items():
+            cfg = build_config({
+                "name": "bench", "out_dir": tmp, "task": "classification", "seed": 0,
+                "data": {"path": str(data), "size": size, "augment": False}, "model": {"name": model},
+                "partition": {"clients": clients}, "train": {"steps": steps, "batch_size": batch, "lr": 1e-3},
+                "fl": {"rounds": rounds, "fraction": 0.5, "client_num_cpus": 1.0,
+                       "ray_init": {"num_cpus": 2}}, "tracking": {"wandb": "disabled"},
+            })
+            f_setup, f_total, f_rounds, f_val = floor(cfg)
+            e_setup, e_total, e_rounds, e_val = engine(cfg)
+            # Round 1 of the engine also starts the actors (imports, data, model): count that as
+            # start-up, and compare steady-state rounds 2..R.
+            e_start = e_setup + e_rounds[0] - f_rounds[0]
+            results.append({
+                "case": label, "floor_total_s": round(f_total, 2), "engine_total_s": round(e_total, 2),
+                "ratio_total": round(e_total / f_total, 2),
+                "ratio_rounds": round(float(np.mean(e_rounds[1:])) / float(np.mean(f_rounds[1:])), 2),
+                "engine_startup_s": round(e_start - f_setup, 2),
+                "floor_round_s": round(float(np.mean(f_rounds[1:])), 3),
+                "engine_round_s": round(float(np.mean(e_rounds[1:])), 3),
+                "final_val_floor": round(f_val, 4), "final_val_engine": round(e_val, 4),
+            })
+            print(results[-1], flush=True)
+    lines = [f"{rounds} rounds, {clients} clients, half per round, FedAvg, 2 CPU actors of 1 CPU each.", "",
+             "| case | floor s | engine s | ratio (total) | ratio (per round) | engine start-up s | floor round s | engine round s | final val floor / engine |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['case']} | {r['floor_total_s']} | {r['engine_total_s']} | {r['ratio_total']} | {r['ratio_rounds']} | "
+              f"{r['engine_startup_s']} | {r['floor_round_s']} | {r['engine_round_s']} | {r['final_val_floor']} / {r['final_val_engine']} |"
+              for r in results]
+    report("engine_overhead" + (" --quick" if args.quick else ""), {"results": results}, lines)
+
+
+if __name__ == "__main__":
+    main()
