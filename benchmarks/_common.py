@@ -19,6 +19,13 @@ def machine() -> str:
     return f"{platform.machine()}, {os.cpu_count()} CPU cores, {gpu}, torch {torch.__version__}"
 
 
+def table(columns: dict[str, str], rows: list[dict]) -> list[str]:
+    """Markdown table lines: ``columns`` maps a result key to its heading."""
+    lines = ["| " + " | ".join(columns.values()) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(str(r[k]) for k in columns) + " |" for r in rows]
+    return lines
+
+
 def report(name: str, results: dict, lines: list[str]) -> None:
     """Print results as JSON and append a dated section to BENCHMARKS.md."""
     print(json.dumps({"benchmark": name, **results}, indent=2))

@@ -20,7 +20,7 @@ import torchvision.transforms.v2.functional as F
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks._common import report  # noqa: E402
+from benchmarks._common import report, table  # noqa: E402
 from cxrfl_ray.data.ingest import LAYOUTS, IngestOptions, ingest  # noqa: E402
 from cxrfl_ray.data.synth import write_synthetic_dataset  # noqa: E402
 from cxrfl_ray.data.imageio import decode_png  # noqa: E402
@@ -100,11 +100,10 @@ def main() -> None:
     plans = [(256, 300)] if args.quick else [(256, 2000), (1024, 200)]
     with tempfile.TemporaryDirectory() as tmp:
         results = [run(size, n, Path(tmp), repeats=2) for size, n in plans]
-    lines = ["| px | images | Parquet items/s | PNG folder items/s | ratio | decode-only items/s | ingest PNG/s (1 thread) |",
-             "|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['size']} | {r['images']} | {r['parquet_items_per_s']} | {r['png_folder_items_per_s']} | "
-              f"{r['ratio_parquet_over_png']} | {r['parquet_decode_only_per_s']} | {r['ingest_png_per_s_1_thread']} |"
-              for r in results]
+    lines = table({"size": "px", "images": "images", "parquet_items_per_s": "Parquet items/s",
+                   "png_folder_items_per_s": "PNG folder items/s", "ratio_parquet_over_png": "ratio",
+                   "parquet_decode_only_per_s": "decode-only items/s",
+                   "ingest_png_per_s_1_thread": "ingest PNG/s (1 thread)"}, results)
     report("data_io" + (" --quick" if args.quick else ""), {"results": results}, lines)
 
 

@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks._common import report  # noqa: E402
+from benchmarks._common import report, table  # noqa: E402
 from cxrfl_ray.config import build_config  # noqa: E402
 from cxrfl_ray.data.synth import write_synthetic_dataset  # noqa: E402
 from cxrfl_ray.experiment import evaluate_views  # noqa: E402
@@ -115,11 +115,11 @@ def main() -> None:
             })
             print(results[-1], flush=True)
     lines = [f"{rounds} rounds, {clients} clients, half per round, FedAvg, 2 CPU actors of 1 CPU each.", "",
-             "| case | floor s | engine s | ratio (total) | ratio (per round) | engine start-up s | floor round s | engine round s | final val floor / engine |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['case']} | {r['floor_total_s']} | {r['engine_total_s']} | {r['ratio_total']} | {r['ratio_rounds']} | "
-              f"{r['engine_startup_s']} | {r['floor_round_s']} | {r['engine_round_s']} | {r['final_val_floor']} / {r['final_val_engine']} |"
-              for r in results]
+             *table({"case": "case", "floor_total_s": "floor s", "engine_total_s": "engine s",
+                     "ratio_total": "ratio (total)", "ratio_rounds": "ratio (per round)",
+                     "engine_startup_s": "engine start-up s", "floor_round_s": "floor round s",
+                     "engine_round_s": "engine round s", "final_val_floor": "final val floor",
+                     "final_val_engine": "final val engine"}, results)]
     report("engine_overhead" + (" --quick" if args.quick else ""), {"results": results}, lines)
 
 

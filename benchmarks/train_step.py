@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks._common import report  # noqa: E402
+from benchmarks._common import report, table  # noqa: E402
 from cxrfl_ray.tasks import TASKS  # noqa: E402
 from cxrfl_ray.tasks.models import MODELS, create_model  # noqa: E402
 
@@ -67,8 +67,7 @@ def main() -> None:
             results.append({"model": name, "size": size, "batch": batch if size == top else 8,
                             "images_per_s": round(rate, 2)})
             print(results[-1], flush=True)
-    lines = ["| model | px | batch | train images/s |", "|---|---|---|---|"]
-    lines += [f"| {r['model']} | {r['size']} | {r['batch']} | {r['images_per_s']} |" for r in results]
+    lines = table({"model": "model", "size": "px", "batch": "batch", "images_per_s": "train images/s"}, results)
     report(f"train_step ({args.device}{', quick' if args.quick else ''})", {"results": results}, lines)
 
 

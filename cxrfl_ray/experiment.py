@@ -25,6 +25,7 @@ class Prepared:
     task: Task
     plan: Plan
     views: dict[tuple[str, str], np.ndarray] = field(default_factory=dict)
+    _eval_images: dict[bytes, ClientImages] = field(default_factory=dict, repr=False)
 
     @property
     def label_names(self) -> list[str]:
@@ -39,6 +40,16 @@ class Prepared:
         return np.sort(np.concatenate(self.plan.clients))
 
     def images(self, rows: np.ndarray, train: bool, seed_offset: int = 0) -> ClientImages:
+        """The rows as a Dataset; evaluation sets are kept, so every round reuses their bytes
+        instead of reading the same row groups again."""
+        if not train:
+            key = np.asarray(rows, dtype=np.int64).tobytes()
+            if key not in self._eval_images:
+                self._eval_images[key] = self._make_images(rows, train=False, seed_offset=0)
+            return self._eval_images[key]
+        return self._make_images(rows, train, seed_offset)
+
+    def _make_images(self, rows: np.ndarray, train: bool, seed_offset: int) -> ClientImages:
         d = self.cfg.data
         return ClientImages(self.dataset, rows, task=self.task.name, size=d.size,
                             augment=d.augment and train, seed=self.cfg.seed + seed_offset,

@@ -5,6 +5,7 @@ PNG/JPEG/DICOM files, or one file."""
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 from typing import Iterator
 
@@ -57,7 +58,7 @@ def predict(checkpoint: str | Path, source: str | Path, out: str | Path, batch_s
     model.eval()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    labels = __import__("json").loads(meta["label_names"])
+    labels = json.loads(meta["label_names"])
     skipped: list[dict] = []
     rows: list[list] = []
     count = 0

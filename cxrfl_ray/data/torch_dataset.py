@@ -114,9 +114,6 @@ class ClientImages(Dataset):
             self._rows = rows
         return self._rows
 
-    def labels(self) -> np.ndarray:
-        return self.rows.column("label").to_numpy()
-
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         rows = self.rows
         image = _to_tensor(decode_png(rows.column("image")[index].as_py()))

@@ -84,8 +84,6 @@ def make_server_app(prep: Prepared, run_dir: Path, outcome: Outcome, quiet: bool
         ckpt = dict(cfg=cfg, num_classes=prep.num_classes, label_names=prep.label_names)
         best, best_round = None, None
 
-        sink: MetricsSink
-
         def evaluate_round(server_round: int) -> dict:
             nonlocal best, best_round
             load_global(model, arrays)

@@ -56,9 +56,8 @@ class Seeded:
     num_clients: int
     per_round: int
     seed: int
-    eval_clients: list[int] | None = None
 
-    def _route(self, server_round: int, grid: Grid, clients: list[int]) -> _Nodes:
+    def _route(self, grid: Grid, clients: list[int]) -> _Nodes:
         nodes = sorted(grid.get_node_ids())
         if len(nodes) < len(clients):
             raise RuntimeError(f"{len(nodes)} nodes for {len(clients)} clients")
@@ -69,13 +68,13 @@ class Seeded:
     def configure_train(self, server_round: int, arrays, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         clients = select_clients(self.num_clients, self.per_round, self.seed, server_round)
         self.last_selection = clients
-        return super().configure_train(server_round, arrays, config, self._route(server_round, grid, clients))
+        return super().configure_train(server_round, arrays, config, self._route(grid, clients))
 
     def configure_evaluate(self, server_round: int, arrays, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         if self.fraction_evaluate == 0.0:
             return []
         clients = self.last_selection
-        return super().configure_evaluate(server_round, arrays, config, self._route(server_round, grid, clients))
+        return super().configure_evaluate(server_round, arrays, config, self._route(grid, clients))
 
     def _construct_messages(self, record: RecordDict, node_ids: list[int], message_type: str) -> Iterable[Message]:
         messages = []

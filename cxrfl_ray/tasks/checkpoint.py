@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
@@ -69,7 +70,7 @@ def load_checkpoint(path: str | Path, task: str | None = None, device: str | tor
         raise CheckpointError(
             f"{path} holds a {meta['task']} model ({meta['model']}), but a {task} model is needed"
         )
-    cfg = build_config(_yaml(meta["config"]), source=f"{path} (embedded config)")
+    cfg = build_config(yaml.safe_load(meta["config"]), source=f"{path} (embedded config)")
     try:
         model = create_model(meta["model"], meta["task"], int(meta["in_chans"]), int(meta["num_classes"]))
     except ModelError as exc:
@@ -82,8 +83,3 @@ def load_checkpoint(path: str | Path, task: str | None = None, device: str | tor
         raise CheckpointError(f"{path}: weights do not fit model {meta['model']}: {' '.join(first)}") from None
     return model.to(device), cfg, meta
 
-
-def _yaml(text: str) -> dict:
-    import yaml
-
-    return yaml.safe_load(text)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -72,7 +70,5 @@ def test_missing_file_and_offline_hub_fail_fast(tmp_path, monkeypatch):
     with pytest.raises(ModelError, match="pretrained weights file not found"):
         create_model("resnet18", "classification", pretrained=str(tmp_path / "nope.pth"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    start = time.perf_counter()
     with pytest.raises(ModelError, match="HF_HUB_OFFLINE=0.*local weights file"):
         create_model("resnet18", "classification", pretrained="hub")
-    assert time.perf_counter() - start < 5

@@ -98,9 +98,6 @@ def scan(
         if isinstance(entry, Candidate):
             entry.mask_paths = tuple(found)
         out.append(entry)
-    mask_dirs = pairs if pairs is not None else (masks,)
-    for folder in mask_dirs:
-        for m in image_files(folder):
-            if m not in used and pairs is None:
-                out.append(Skip(str(m), "mask without a matching image"))
+    if pairs is None:
+        out += [Skip(str(m), "mask without a matching image") for m in image_files(masks) if m not in used]
     return out
