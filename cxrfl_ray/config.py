@@ -107,7 +107,9 @@ class FLConfig(Section):
 
 
 class FaultsConfig(Section):
-    client_failure_rate: float = Field(0.0, ge=0, lt=1, description="seeded share of client trainings that raise")
+    client_failure_rate: float = Field(0.0, ge=0, lt=1, description="seeded share of client trainings that fail")
+    failure: Literal["raise", "exit"] = Field(
+        "raise", description="how an injected failure looks: the client raises, or its process dies (as when OOM-killed)")
 
 
 class TrackingConfig(Section):

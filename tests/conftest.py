@@ -126,3 +126,18 @@ def phantoms(tmp_path_factory):
         return cache[key]
 
     return make
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One small local Ray for the whole test session (the engine reuses a running Ray and
+    leaves it up), shut down at the end with the client actors kept for reuse."""
+    import ray
+
+    from cxrfl_ray.fl.backend import release_idle_actors
+    from cxrfl_ray.fl.engine import start_ray
+
+    start_ray(num_cpus=2, object_store_memory=100 * 1024**2)
+    yield ray
+    release_idle_actors()
+    ray.shutdown()

@@ -5,6 +5,7 @@ resident per actor in ``_RUNTIMES`` instead of being rebuilt for every message."
 from __future__ import annotations
 
 import hashlib
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -120,6 +121,8 @@ def train(msg: Message, context: Context) -> Message:
     cfg = rt.cfg
     cid, server_round = int(config[CLIENT_KEY]), int(config["server-round"])
     if _failure_draw(cfg.seed, server_round, cid) < cfg.faults.client_failure_rate:
+        if cfg.faults.failure == "exit":
+            os._exit(1)  # the actor's process dies; the backend replaces it
         raise InjectedClientFailure(f"injected failure of client {cid} in round {server_round}")
     started = time.perf_counter()
     load_global(rt.model, msg.content["arrays"])

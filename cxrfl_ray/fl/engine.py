@@ -1,18 +1,25 @@
-"""The only module that calls Flower's simulation engine (and so starts Ray).
+"""The only module that drives Flower's simulation runtime (and starts Ray).
 
 ``run_federated(cfg)`` validates everything first (dataset vs task, plan, strategy options),
-then runs the ServerApp and ClientApp on Flower's Ray backend. Flower's
-``run_simulation`` is deprecated in flwr 1.42; swapping it is a change to this file only.
+then runs the ServerApp in a thread and the ClientApp on Ray actors through Flower's simulation
+runtime (``run_api``: its message queues, node contexts and worker threads), with our
+``PooledRayBackend`` in place of Flower's ``RayBackend``. Flower's ``run_simulation`` (deprecated
+in flwr 1.42) hard-codes ``RayBackend``, which shuts Ray down at the end and sizes its pool from
+the whole cluster; composing the runtime here keeps Ray up for the caller (a test session, a Ray
+Tune trial, the next preset) and is the one place to change when Flower's API moves.
 
-Note: Flower's Ray backend calls ``ray.shutdown()`` when a simulation ends, also when Ray was
-started before it; each simulation therefore starts its own Ray runtime.
+Ray: an already running Ray (``ray.init`` by the caller, or a Tune trial's worker) is used as it
+is; otherwise Ray starts here with ``fl.ray_init`` and stays up until the process exits.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import sys
+import threading
 from pathlib import Path
+from queue import Queue
 
 from cxrfl_ray.baseline import new_run_dir
 from cxrfl_ray.config import ConfigError, ExperimentConfig, load_config
@@ -25,22 +32,83 @@ QUIET_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "RAY_DEDUP_LOGS": "1", "RAY_USAGE_ST
 
 
 class _DropKnownNoise(logging.Filter):
-    """Flower warnings that say nothing to our users (we skip client evaluation on purpose, and
-    the deprecation of run_simulation is this module's to handle)."""
+    """A Flower warning that says nothing to our users (we skip client evaluation on purpose)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         text = record.getMessage()
-        return "fraction_evaluate is set to 0.0" not in text and "run_simulation` function is deprecated" not in text
+        return "fraction_evaluate is set to 0.0" not in text
 
 
-def backend_config(cfg: ExperimentConfig) -> dict:
-    """Client resources and ray.init arguments for Flower's Ray backend."""
+def start_ray(**init_args) -> None:
+    """Start a local Ray for simulations: all CPUs, a small object store, no dashboard, quiet
+    (``init_args`` override, e.g. ``fl.ray_init``). Actors get the driver's import path and env."""
+    import ray
+
     init = {"num_cpus": os.cpu_count() or 1, "include_dashboard": False,
-            "object_store_memory": 256 * 1024**2, "logging_level": logging.WARNING,
-            "log_to_driver": True}
-    init.update(cfg.fl.ray_init)
-    return {"client_resources": {"num_cpus": cfg.fl.client_num_cpus, "num_gpus": cfg.fl.client_num_gpus},
-            "init_args": init}
+            "object_store_memory": 256 * 1024**2, "logging_level": logging.WARNING, "log_to_driver": True}
+    init.update(init_args)
+    for key, value in QUIET_ENV.items():
+        os.environ.setdefault(key, value)
+    pythonpath = os.pathsep.join(p for p in [*sys.path, os.environ.get("PYTHONPATH", "")] if p)
+    ray.init(runtime_env={"env_vars": {"PYTHONPATH": pythonpath, **QUIET_ENV}}, **init)
+
+
+def ensure_ray(cfg: ExperimentConfig) -> None:
+    """Start Ray unless the caller already has (then its settings stand and ``fl.ray_init`` is unused)."""
+    import ray
+
+    if not ray.is_initialized():
+        start_ray(**cfg.fl.ray_init)
+
+
+def simulate(server_app, client_app, *, num_nodes: int, client_resources: dict[str, float]) -> None:
+    """Run a ServerApp against ``num_nodes`` virtual SuperNodes whose ClientApp runs on Ray actors.
+
+    This is what Flower's ``run_simulation`` does (``_main_loop`` and ``start_vce``), with our
+    backend. The ServerApp's exceptions are left to it (ours records them in its ``Outcome``).
+    """
+    import secrets
+
+    from flwr.app import Context, RecordDict
+    from flwr.app.user_config import UserConfig
+    from flwr.common.constant import SUPERLINK_NODE_ID
+    from flwr.proto.task_pb2 import Task  # pylint: disable=no-name-in-module
+    from flwr.server.superlink.fleet.vce.metrics import VceMetrics
+    from flwr.server.superlink.fleet.vce.vce_api import _register_node_info_stores, _register_nodes, run_api
+    from flwr.server.superlink.linkstate import LinkStateFactory
+    from flwr.server.superlink.linkstate.in_memory_linkstate import RunRecord
+    from flwr.simulation.run_simulation import run_serverapp_th
+    from flwr.supercore.constant import FLWR_IN_MEMORY_DB_NAME, NOOP_FEDERATION_ID
+    from flwr.supercore.object_store import ObjectStoreFactory
+    from flwr.supercore.run import Run
+    from flwr.supercore.task_identity import TaskIdentity
+    from flwr.superlink.federation import NoOpFederationManager
+    from flwr.superlink.grid import InMemoryGrid
+
+    from cxrfl_ray.fl.backend import PooledRayBackend
+
+    run = Run.create_empty(run_id=secrets.randbits(63))
+    run.primary_task_id, run.federation_id = secrets.randbits(63), NOOP_FEDERATION_ID
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, run.run_id, SUPERLINK_NODE_ID
+    state_factory = LinkStateFactory(FLWR_IN_MEMORY_DB_NAME, NoOpFederationManager(), ObjectStoreFactory())
+    state = state_factory.state()
+    state.run_ids[run.run_id] = RunRecord(run=run)
+    state.task_store[run.primary_task_id] = Task(task_id=run.primary_task_id, run_id=run.run_id)
+    grid = InMemoryGrid(state_factory=state_factory)
+    grid.set_run(run)
+
+    backend = PooledRayBackend(client_resources, max_actors=num_nodes)  # fails here if no client fits
+    stop = threading.Event()  # set by the ServerApp thread when it returns or raises
+    server_context = Context(run_id=run.run_id, node_id=0, node_config=UserConfig(), state=RecordDict(),
+                             run_config=UserConfig())
+    server = run_serverapp_th(None, server_app, server_context, grid, "", stop, Queue(), False, Queue())
+    nodes = _register_nodes(num_nodes=num_nodes, state_factory=state_factory)
+    try:
+        run_api(lambda: client_app, lambda: backend, nodes,
+                state_factory, _register_node_info_stores(nodes, run), stop, VceMetrics())
+    finally:
+        stop.set()
+        server.join()
 
 
 def run_federated(cfg: ExperimentConfig | None = None, quiet: bool = False, verbose: bool = False,
@@ -59,8 +127,7 @@ def run_federated(cfg: ExperimentConfig | None = None, quiet: bool = False, verb
         if done >= cfg.fl.rounds:
             raise ConfigError(f"--resume {run_dir}: all {cfg.fl.rounds} rounds are already done")
     assert cfg is not None
-    for key, value in QUIET_ENV.items():
-        os.environ.setdefault(key, value)
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     if not verbose:
         logging.getLogger("flwr").setLevel(logging.WARNING)
         logging.getLogger("flwr").addFilter(_DropKnownNoise())
@@ -71,8 +138,6 @@ def run_federated(cfg: ExperimentConfig | None = None, quiet: bool = False, verb
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
 
-    from flwr.simulation import run_simulation
-
     from cxrfl_ray.fl.client import app as client_app
     from cxrfl_ray.fl.server import Outcome, make_server_app
 
@@ -80,11 +145,11 @@ def run_federated(cfg: ExperimentConfig | None = None, quiet: bool = False, verb
         run_dir = new_run_dir(cfg, "fl")
         cfg.save(run_dir / "config.yaml")
     outcome = Outcome()
-    # Any virtual node can play any plan client, so only a round's cohort of nodes is needed.
+    ensure_ray(cfg)
     server_app = make_server_app(prep, run_dir, outcome, quiet, resume=resume is not None)
-    run_simulation(server_app=server_app, client_app=client_app,
-                   num_supernodes=cfg.clients_per_round, backend_config=backend_config(cfg),
-                   verbose_logging=verbose)
+    # Any virtual node can play any plan client, so only a round's cohort of nodes is needed.
+    simulate(server_app, client_app, num_nodes=cfg.clients_per_round,
+             client_resources={"num_cpus": cfg.fl.client_num_cpus, "num_gpus": cfg.fl.client_num_gpus})
     if outcome.error is not None:
         raise RuntimeError(f"federated run failed: {outcome.error}") from outcome.error
     if not outcome.summary:

@@ -1,7 +1,7 @@
-"""`cxrfl simulate`: the real Flower simulation engine on a real local Ray runtime.
+"""`cxrfl simulate`: the real Flower simulation runtime on a real local Ray.
 
-Flower's Ray backend shuts Ray down when a simulation ends, so each simulation here starts its
-own small Ray (2 CPUs, no dashboard); the tests keep the number of simulations small.
+All simulations in this process share the session's Ray (``ray_session``), as a Ray Tune trial or
+a script running several presets does; the engine leaves it up and reuses its client actors.
 """
 
 from __future__ import annotations
@@ -16,15 +16,12 @@ from cxrfl_ray.fl.engine import run_federated
 from cxrfl_ray.fl.client import _failure_draw
 from cxrfl_ray.fl.strategies import select_clients
 
-RAY = {"num_cpus": 2, "object_store_memory": 100 * 1024**2}
-
-
 def config(dataset, tmp_path, **over):
     base = {"name": "sim", "out_dir": str(tmp_path), "seed": 3, "task": "classification",
             "data": {"path": str(dataset), "size": 48, "augment": True},
             "model": {"name": "tiny-conv"}, "partition": {"clients": 4},
             "train": {"steps": 2, "batch_size": 8, "lr": 0.01},
-            "fl": {"rounds": 3, "fraction": 0.5, "ray_init": RAY, "round_timeout": 120},
+            "fl": {"rounds": 3, "fraction": 0.5, "round_timeout": 120},
             "tracking": {"wandb": "disabled"}}
     for key, value in over.items():
         base[key] = {**base.get(key, {}), **value} if isinstance(value, dict) else value
@@ -36,7 +33,7 @@ def table(run):
 
 
 @pytest.mark.timeout(300)
-def test_simulation_evaluates_every_round_on_every_view(phantoms, tmp_path):
+def test_simulation_evaluates_every_round_on_every_view(phantoms, tmp_path, ray_session):
     data = phantoms(n=200, size=48)
     cfg = config(data, tmp_path, data={"holdout_sites": ["site3"]},
                  fl={"client_eval": True, "thresholds": {"accuracy": 0.0}}, tracking={"wandb": "offline"})
@@ -69,11 +66,15 @@ def test_simulation_evaluates_every_round_on_every_view(phantoms, tmp_path):
 
 
 @pytest.mark.timeout(400)
-def test_failures_are_counted_and_identical_configs_give_identical_metrics(phantoms, tmp_path):
+def test_failures_are_counted_and_identical_configs_give_identical_metrics(phantoms, tmp_path, ray_session):
     data = phantoms(n=200, size=48)
     cfg = config(data, tmp_path, faults={"client_failure_rate": 0.2}, partition={"clients": 5},
                  fl={"rounds": 4, "fraction": 1.0}, seed=11)
     runs = [run_federated(cfg, quiet=True) for _ in range(2)]
+    # The same failures as dead client processes (as when a client is OOM-killed): the backend
+    # replaces the actors and the run goes on exactly as when the clients raise.
+    runs.append(run_federated(cfg.model_copy(update={"faults": cfg.faults.model_copy(update={"failure": "exit"})}),
+                              quiet=True))
     expected = {rnd: sum(_failure_draw(11, rnd, c) < 0.2 for c in range(5)) for rnd in range(1, 5)}
     assert sum(expected.values()) > 0  # the seed really injects failures
     first = table(runs[0])
@@ -85,7 +86,7 @@ def test_failures_are_counted_and_identical_configs_give_identical_metrics(phant
     assert json.loads((runs[0] / "summary.json").read_text())["client_failures"] == sum(expected.values())
     strip = lambda rows: [(r["round"], r["scope"], r["id"], r["metric"], r["value"]) for r in rows  # noqa: E731
                           if not r["metric"].endswith("_seconds")]  # timings are the only non-reproducible values
-    assert strip(first) == strip(table(runs[1]))
+    assert strip(first) == strip(table(runs[1])) == strip(table(runs[2]))
 
 
 @pytest.mark.parametrize("over, message", [
@@ -99,9 +100,11 @@ def test_invalid_federations_are_refused_by_the_config(phantoms, tmp_path, over,
         config(phantoms(n=200, size=48), tmp_path, **over)
 
 
-def test_invalid_runs_stop_before_ray_starts(phantoms, tmp_path):
-    import ray
+def test_invalid_runs_stop_before_ray_starts(phantoms, tmp_path, monkeypatch):
+    def no_ray(cfg):
+        raise AssertionError("Ray was started for an invalid run")
 
+    monkeypatch.setattr("cxrfl_ray.fl.engine.ensure_ray", no_ray)
     data = phantoms(n=200, size=48)
     with pytest.raises(ConfigError, match="fl.strategy.options for fedadam: .*unexpected keyword argument 'etta'"):
         run_federated(config(data, tmp_path, fl={"strategy": {"name": "fedadam", "options": {"etta": 0.1}}}))
@@ -115,7 +118,6 @@ def test_invalid_runs_stop_before_ray_starts(phantoms, tmp_path):
             w.add(r)
     with pytest.raises(ConfigError, match="needs lung masks"):
         run_federated(config(tmp_path / "nomask", tmp_path, task="segmentation", model={"name": "tiny-conv-seg"}))
-    assert not ray.is_initialized()
     assert not list(tmp_path.glob("sim-fl-*"))
 
 
@@ -160,7 +162,7 @@ def _descendants(pid: int) -> list[int]:
 
 
 @pytest.mark.timeout(500)
-def test_a_killed_run_resumes_to_the_same_metrics(phantoms, tmp_path):
+def test_a_killed_run_resumes_to_the_same_metrics(phantoms, tmp_path, ray_session):
     import os
     import signal
     import subprocess

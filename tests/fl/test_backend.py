@@ -1,0 +1,49 @@
+"""Our Flower backend on a real Ray: pool sizing from the caller's placement group or the
+cluster, and Ray left running."""
+
+from __future__ import annotations
+
+import pytest
+
+from cxrfl_ray.fl.backend import PooledRayBackend, slots_in_bundles
+
+
+def test_slots_count_each_bundle_on_its_own():
+    half = {"num_cpus": 0.5, "num_gpus": 0.0}
+    assert slots_in_bundles([{"CPU": 1.0}, {"CPU": 0.75}], half) == 3
+    quarter_gpu = {"num_cpus": 1, "num_gpus": 0.25}
+    assert slots_in_bundles([{"CPU": 8.0, "GPU": 1.0}, {"CPU": 2.0, "GPU": 1.0}], quarter_gpu) == 4 + 2
+    assert slots_in_bundles([{"CPU": 8.0}], quarter_gpu) == 0  # no GPU, no GPU client
+
+
+@pytest.mark.timeout(120)
+def test_pool_is_sized_from_the_placement_group_it_runs_in(ray_session):
+    ray = ray_session
+    from ray.util.placement_group import placement_group, remove_placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    # The cluster has 2 CPUs; outside a group the pool is capped by the cluster and the cohort.
+    assert PooledRayBackend({"num_cpus": 1}, max_actors=8).size == 2
+    assert PooledRayBackend({"num_cpus": 1}, max_actors=1).size == 1
+    with pytest.raises(ValueError, match="no client fits in the Ray cluster"):
+        PooledRayBackend({"num_cpus": 4}, max_actors=2)
+
+    # A trial's group: bundle 0 for its driver, then two 0.25-CPU client bundles.
+    group = placement_group([{"CPU": 0.25}, {"CPU": 0.25}, {"CPU": 0.25}])
+    ray.get(group.ready(), timeout=30)
+
+    @ray.remote(num_cpus=0.25)
+    def pool_size(cpus):
+        try:
+            return PooledRayBackend({"num_cpus": cpus}, max_actors=8).size
+        except ValueError as exc:
+            return str(exc)
+
+    in_group = PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=0,
+                                                placement_group_capture_child_tasks=True)
+    try:
+        assert ray.get(pool_size.options(scheduling_strategy=in_group).remote(0.25), timeout=60) == 2
+        assert "placement group's bundles" in ray.get(pool_size.options(scheduling_strategy=in_group).remote(0.5), timeout=60)
+    finally:
+        remove_placement_group(group)
+    assert ray.is_initialized()
