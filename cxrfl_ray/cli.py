@@ -170,6 +170,26 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from cxrfl_ray.report import report
+    from cxrfl_ray.sweep import run_sweep
+
+    sweep = run_sweep(args.spec, out=args.out, resume=args.resume, address=args.address, quiet=args.quiet,
+                      overrides=args.set)
+    print(f"trials: {(sweep / 'trials.parquet').resolve()}")
+    print(f"report: {report(sweep).resolve()}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from cxrfl_ray.report import report
+
+    path = report(args.path, threshold=args.threshold)
+    print(path.read_text())
+    print(f"report: {path.resolve()}")
+    return 0
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
     from cxrfl_ray.predict import predict
 
@@ -267,6 +287,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no per-round lines")
     p.add_argument("--verbose", action="store_true", help="Flower's and Ray's own logs")
     p.set_defaults(func=cmd_simulate)
+
+    p = sub.add_parser("sweep", help="Ray Tune sweep over FL parameters (one trial = one simulation)")
+    p.add_argument("spec", help="sweep spec YAML (see tune_configs/)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted sweep: only unfinished trials run")
+    p.add_argument("--out", help="sweep folder (default: SPEC out_dir/name)")
+    p.add_argument("--address", help="Ray cluster address (default: a local Ray started here)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", default=[],
+                   help="override a spec field, e.g. --set base.data.path=/data/lungseg (repeatable)")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("report", help="tables and plots of a sweep folder or a run folder")
+    p.add_argument("path", help="a sweep folder (trials.parquet) or a run folder (metrics.parquet)")
+    p.add_argument("--threshold", type=float, help="rounds to reach this metric value (segmentation default 0.92)")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("predict", help="apply a checkpoint to a dataset, a folder of images or a file")
     p.add_argument("checkpoint", help="a .safetensors checkpoint written by train/simulate")

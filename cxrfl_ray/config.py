@@ -97,6 +97,7 @@ class FLConfig(Section):
     rounds: int = Field(5, ge=1)
     fraction: float = Field(1.0, gt=0, le=1, description="share of clients trained each round")
     min_clients: int = Field(1, ge=1, description="at least this many clients per round")
+    clients_per_round: int | None = Field(None, ge=1, description="exact cohort size (then fraction is unused)")
     strategy: StrategyConfig = Field(default_factory=StrategyConfig)
     client_num_cpus: float = Field(1.0, gt=0, description="Ray CPUs per virtual client")
     client_num_gpus: float = Field(0.0, ge=0, description="fractional GPUs per client (0.25 packs four)")
@@ -114,6 +115,8 @@ class FaultsConfig(Section):
 
 class TrackingConfig(Section):
     wandb: Literal["offline", "online", "disabled"] = "offline"
+    project: str = "cxrfl-ray"
+    group: str | None = Field(None, description="W&B group (a sweep groups its trials by its name)")
 
 
 class ExperimentConfig(Section):
@@ -133,6 +136,8 @@ class ExperimentConfig(Section):
 
     @property
     def clients_per_round(self) -> int:
+        if self.fl.clients_per_round is not None:
+            return self.fl.clients_per_round
         return max(self.fl.min_clients, round(self.fl.fraction * self.partition.clients))
 
     @model_validator(mode="after")
@@ -152,6 +157,9 @@ class ExperimentConfig(Section):
             raise ValueError(
                 f"fl.min_clients {self.fl.min_clients} is more than partition.clients {self.partition.clients}"
             )
+        if (self.fl.clients_per_round or 0) > self.partition.clients:
+            raise ValueError(f"fl.clients_per_round {self.fl.clients_per_round} is more than partition.clients "
+                             f"{self.partition.clients}")
         if self.train.class_weights is not None and self.task != "classification":
             raise ValueError("train.class_weights is for classification only")
         return self

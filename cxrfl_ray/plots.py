@@ -28,3 +28,31 @@ def plot_series(path: str | Path, series: dict[str, Sequence[tuple[int, float]]]
     fig.savefig(path)
     plt.close(fig)
     return Path(path)
+
+
+def plot_heatmap(path: str | Path, values, rows: Sequence, cols: Sequence, row_label: str, col_label: str,
+                 title: str = "") -> Path:
+    """A grid of values (NaN where a cell has no trial), each cell written on it."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    values = np.asarray(values, dtype=float)
+    fig, ax = plt.subplots(figsize=(1.2 + 1.1 * len(cols), 1.2 + 0.7 * len(rows)), dpi=100)
+    image = ax.imshow(np.ma.masked_invalid(values), cmap="viridis", aspect="auto")
+    ax.set_xticks(range(len(cols)), [str(c) for c in cols], rotation=30, ha="right")
+    ax.set_yticks(range(len(rows)), [str(r) for r in rows])
+    ax.set_xlabel(col_label)
+    ax.set_ylabel(row_label)
+    for i in range(values.shape[0]):
+        for j in range(values.shape[1]):
+            if np.isfinite(values[i, j]):
+                ax.text(j, i, f"{values[i, j]:.3f}", ha="center", va="center", color="w", fontsize=8)
+    ax.set_title(title, fontsize=9)
+    fig.colorbar(image, ax=ax)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return Path(path)

@@ -3,6 +3,7 @@ compared and plotted without the process that made it."""
 
 from __future__ import annotations
 
+import hashlib
 import time
 from pathlib import Path
 from typing import Mapping
@@ -67,7 +68,8 @@ class WandbRun:
     sent unless the config says ``tracking.wandb: online``.
     """
 
-    def __init__(self, mode: str, run_dir: Path, config: dict, name: str, group: str | None = None) -> None:
+    def __init__(self, mode: str, run_dir: Path, config: dict, name: str, group: str | None = None,
+                 project: str = "cxrfl-ray") -> None:
         self.run = None
         if mode == "disabled":
             return
@@ -79,8 +81,10 @@ class WandbRun:
         run_dir.mkdir(parents=True, exist_ok=True)  # W&B needs its dir to exist
         import wandb
 
-        self.run = wandb.init(project="cxrfl-ray", name=name, group=group, dir=str(run_dir), config=config,
-                              mode=mode, reinit="finish_previous")
+        # The id follows the run folder, so a resumed simulation continues its W&B run.
+        run_id = hashlib.sha1(str(run_dir.resolve()).encode()).hexdigest()[:16]
+        self.run = wandb.init(project=project, name=name, group=group, dir=str(run_dir), config=config,
+                              mode=mode, id=run_id, resume="allow", reinit="finish_previous")
 
     def log_round(self, round_: int, rows: list[dict]) -> None:
         if self.run is not None:

@@ -20,6 +20,7 @@ import sys
 import threading
 from pathlib import Path
 from queue import Queue
+from typing import Callable
 
 from cxrfl_ray.baseline import new_run_dir
 from cxrfl_ray.config import ConfigError, ExperimentConfig, load_config
@@ -112,11 +113,14 @@ def simulate(server_app, client_app, *, num_nodes: int, client_resources: dict[s
 
 
 def run_federated(cfg: ExperimentConfig | None = None, quiet: bool = False, verbose: bool = False,
-                  resume: str | Path | None = None) -> Path:
+                  resume: str | Path | None = None, run_dir: str | Path | None = None,
+                  on_round: Callable[[int, dict[str, float]], None] | None = None) -> Path:
     """Run one federated simulation; returns its run folder.
 
     ``resume``: a run folder of an interrupted simulation; it continues after the last completed
-    round with that folder's own config (``cfg`` is then ignored).
+    round with that folder's own config (``cfg`` is then ignored). ``run_dir``: where a new run
+    goes (default: a new dated folder under ``out_dir``). ``on_round(round, metrics)``: called
+    after each round's server evaluation, from the ServerApp's thread.
     """
     if resume is not None:
         run_dir = Path(resume)
@@ -142,11 +146,14 @@ def run_federated(cfg: ExperimentConfig | None = None, quiet: bool = False, verb
     from cxrfl_ray.fl.server import Outcome, make_server_app
 
     if resume is None:
-        run_dir = new_run_dir(cfg, "fl")
+        if run_dir is None:
+            run_dir = new_run_dir(cfg, "fl")
+        run_dir = Path(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
         cfg.save(run_dir / "config.yaml")
     outcome = Outcome()
     ensure_ray(cfg)
-    server_app = make_server_app(prep, run_dir, outcome, quiet, resume=resume is not None)
+    server_app = make_server_app(prep, run_dir, outcome, quiet, resume=resume is not None, on_round=on_round)
     # Any virtual node can play any plan client, so only a round's cohort of nodes is needed.
     simulate(server_app, client_app, num_nodes=cfg.clients_per_round,
              client_resources={"num_cpus": cfg.fl.client_num_cpus, "num_gpus": cfg.fl.client_num_gpus})

@@ -10,6 +10,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
@@ -48,8 +49,20 @@ def rounds_to_thresholds(series: list[tuple[int, float]], thresholds: dict[str, 
     return out
 
 
+RoundHook = Callable[[int, dict[str, float]], None]
+
+
+def flat_metrics(results: dict[tuple[str, str], dict[str, float]], extra: dict | None = None) -> dict[str, float]:
+    """``{"central/val/jaccard": 0.8, ...}``: one name per (scope, id, metric), as W&B and Tune see them."""
+    out = {f"{scope}/{vid}/{k}": float(v) for (scope, vid), metrics in results.items() for k, v in metrics.items()
+           if not k.startswith("cm_")}
+    out.update({f"round/{k}": float(v) for k, v in (extra or {}).items()})
+    return out
+
+
 def make_server_app(prep: Prepared, run_dir: Path, outcome: Outcome, quiet: bool = False,
-                    resume: bool = False) -> ServerApp:
+                    resume: bool = False, on_round: RoundHook | None = None) -> ServerApp:
+    """``on_round(round, metrics)`` is called after each round's evaluation (a sweep reports it)."""
     cfg, task = prep.cfg, prep.task
     app = ServerApp()
 
@@ -62,7 +75,8 @@ def make_server_app(prep: Prepared, run_dir: Path, outcome: Outcome, quiet: bool
             raise
 
     def _run(grid: Grid) -> None:
-        tracker = WandbRun(cfg.tracking.wandb, run_dir, cfg.model_dump(mode="json"), name=run_dir.name)
+        tracker = WandbRun(cfg.tracking.wandb, run_dir, cfg.model_dump(mode="json"), name=run_dir.name,
+                           group=cfg.tracking.group, project=cfg.tracking.project)
         try:
             _rounds(grid, tracker)
         finally:
@@ -113,6 +127,8 @@ def make_server_app(prep: Prepared, run_dir: Path, outcome: Outcome, quiet: bool
             tracker.log_round(0, sink.rows)
             save_state(run_dir, 0, arrays, strategy, {"best": best, "best_round": best_round, "failures_total": 0})
             _print_round(0, cfg.fl.rounds, results, select_view, main_metric, None, quiet)
+            if on_round is not None:
+                on_round(0, flat_metrics(results))
         start = sink.start
         bar = tqdm(total=cfg.fl.rounds, initial=done, unit="round", desc=cfg.name, disable=quiet, leave=False)
         for server_round in range(done + 1, cfg.fl.rounds + 1):
@@ -146,6 +162,8 @@ def make_server_app(prep: Prepared, run_dir: Path, outcome: Outcome, quiet: bool
                        {"best": best, "best_round": best_round, "failures_total": failures_total})
             _print_round(server_round, cfg.fl.rounds, results, select_view, main_metric, round_info, quiet)
             bar.update(1)
+            if on_round is not None:
+                on_round(server_round, flat_metrics(results, round_info))
         bar.close()
 
         series = sink.series(*select_view, main_metric)

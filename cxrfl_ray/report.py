@@ -1,0 +1,197 @@
+"""Tables and plots from a sweep (``trials.parquet``) or one run (``metrics.parquet``).
+
+For a sweep, trials that differ only in their seed form one configuration. Per configuration:
+the final and best value of the sweep's metric (mean and spread over seeds), the lowest
+validation loss, and the rounds needed to reach a threshold (the paper's segmentation table:
+Jaccard 0.92 by local epochs x clients per round). With two swept parameters the rounds table is
+laid out as the paper's grid; every pair of swept parameters gets heatmaps of the final and best
+value, and each configuration a metric-by-round curve. ``report.md`` embeds the PNGs; CSVs sit
+beside it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import yaml
+
+from cxrfl_ray.config import ConfigError
+from cxrfl_ray.plots import plot_heatmap, plot_series
+
+NOT_REACHED = "not reached"
+
+
+def rounds_to_reach(rounds: list[int], values: list[float], threshold: float, mode: str) -> int | None:
+    """First round whose value reaches the threshold (>= for max, <= for min); None if none does."""
+    for rnd, value in sorted(zip(rounds, values)):
+        if (value >= threshold) if mode == "max" else (value <= threshold):
+            return int(rnd)
+    return None
+
+
+def trial_outcomes(trials: pd.DataFrame, metric: str, mode: str, threshold: float | None,
+                   loss: str | None) -> pd.DataFrame:
+    """One row per trial: its parameters, final/best metric, best round, rounds to threshold, min loss."""
+    params = [c for c in trials.columns if c.startswith("param:")]
+    rows = []
+    for trial, group in trials.groupby("trial", sort=True):
+        group = group.dropna(subset=["round"]).sort_values("round")
+        row = {"trial": trial, "status": group["status"].iloc[0] if len(group) else None,
+               **{p: trials.loc[trials["trial"] == trial, p].iloc[0] for p in params}}
+        if metric in group and group[metric].notna().any():
+            series = group[["round", metric]].dropna()
+            best_at = series[metric].idxmax() if mode == "max" else series[metric].idxmin()
+            row.update({"rounds": int(series["round"].max()), "final": float(series[metric].iloc[-1]),
+                        "best": float(series.loc[best_at, metric]), "best_round": int(series.loc[best_at, "round"])})
+            if threshold is not None:
+                row["rounds_to_threshold"] = rounds_to_reach(series["round"].tolist(), series[metric].tolist(),
+                                                             threshold, mode)
+        if loss and loss in group and group[loss].notna().any():
+            row["min_loss"] = float(group[loss].min())
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _mean_spread(values: pd.Series) -> str:
+    values = values.dropna().astype(float)
+    if values.empty:
+        return ""
+    return f"{values.mean():.4f}" if len(values) == 1 else f"{values.mean():.4f} ± {values.std(ddof=1):.4f}"
+
+
+def _rounds_cell(values: pd.Series) -> str:
+    """Mean ± spread of the rounds needed by the seeds that reached it; how many did, if not all."""
+    reached = values.dropna().astype(float)
+    if reached.empty:
+        return NOT_REACHED
+    text = f"{reached.mean():.1f}" if len(reached) == 1 else f"{reached.mean():.1f} ± {reached.std(ddof=1):.1f}"
+    return text if len(reached) == len(values) else f"{text} ({len(reached)}/{len(values)} seeds)"
+
+
+def config_table(outcomes: pd.DataFrame, swept: list[str]) -> pd.DataFrame:
+    """Trials grouped by their non-seed parameters: mean ± spread over seeds."""
+    keys = swept or ["_all"]
+    frame = outcomes.assign(_all="all") if not swept else outcomes
+    rows = []
+    for values, group in frame.groupby(keys, sort=True, dropna=False):
+        values = values if isinstance(values, tuple) else (values,)
+        row = dict(zip(keys, values)) if swept else {}
+        row["seeds"] = len(group)
+        for col in ("final", "best", "min_loss"):
+            if col in group:
+                row[col] = _mean_spread(group[col])
+        if "rounds_to_threshold" in group:
+            row["rounds_to_threshold"] = _rounds_cell(group["rounds_to_threshold"])
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _markdown(frame: pd.DataFrame) -> str:
+    cols = [str(c) for c in frame.columns]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join("" if (isinstance(v, float) and np.isnan(v)) else str(v) for v in row) + " |"
+              for row in frame.itertuples(index=False)]
+    return "\n".join(lines)
+
+
+def _label(param: str) -> str:
+    return param.removeprefix("param:")
+
+
+def report_sweep(sweep_dir: Path, threshold: float | None = None) -> Path:
+    from cxrfl_ray.sweep import SPEC_FILE, TRIALS_FILE, SweepSpec, default_metric, default_mode, trial_config
+
+    spec = SweepSpec.model_validate(yaml.safe_load((sweep_dir / SPEC_FILE).read_text()))
+    first = trial_config(spec, {})
+    metric = spec.metric or default_metric(first)
+    mode = spec.mode or default_mode(first, metric)
+    threshold = threshold if threshold is not None else spec.threshold
+    if threshold is None and first.task == "segmentation":
+        threshold = 0.92  # the paper's Jaccard threshold
+    trials = pq.read_table(sweep_dir / TRIALS_FILE).to_pandas()
+    if trials.empty or "round" not in trials:
+        raise ConfigError(f"{sweep_dir / TRIALS_FILE}: no trial has reported a round yet")
+    loss = f"{metric.rsplit('/', 1)[0]}/loss"
+    outcomes = trial_outcomes(trials, metric, mode, threshold, loss)
+    swept = [f"param:{k}" for k in spec.space if f"param:{k}" in outcomes]  # the spec's order
+    configs = config_table(outcomes, swept)
+    out = sweep_dir / "report"
+    out.mkdir(exist_ok=True)
+    outcomes.rename(columns=_label).to_csv(out / "trials.csv", index=False)
+    configs.rename(columns=_label).to_csv(out / "configs.csv", index=False)
+
+    lines = [f"# Sweep {spec.name}", "",
+             f"{len(outcomes)} trials ({int((outcomes['status'] == 'ERROR').sum())} failed), "
+             f"{len(configs)} configurations; metric `{metric}` ({mode}).", ""]
+    if threshold is not None and len(swept) == 2 and "rounds_to_threshold" in configs:
+        rows_p, cols_p = swept
+        grid = configs.pivot(index=rows_p, columns=cols_p, values="rounds_to_threshold")
+        grid = grid.reset_index().rename(columns=lambda c: f"{_label(cols_p)}={c}" if c != rows_p else _label(rows_p))
+        lines += [f"## Rounds to reach {metric} {'≥' if mode == 'max' else '≤'} {threshold}", "",
+                  f"Rows: {_label(rows_p)}; columns: {_label(cols_p)}; mean ± spread over seeds.", "",
+                  _markdown(grid.fillna("")), ""]
+    lines += [f"## Per configuration (best and final {metric}, lowest `{loss}`)", "",
+              _markdown(configs.rename(columns=_label)), ""]
+    if "error" in trials and trials["error"].notna().any():
+        failed = trials.dropna(subset=["error"]).drop_duplicates("trial")
+        lines += ["## Failed trials", ""] + [f"- `{r.trial}`: {r.error}" for r in failed.itertuples()] + [""]
+
+    numeric = outcomes.copy()
+    for a, b in itertools.combinations(swept, 2):
+        for value in ("final", "best"):
+            if value not in numeric:
+                continue
+            cell = numeric.groupby([a, b])[value].mean().unstack(b)
+            name = f"heatmap_{value}_{_label(a)}_x_{_label(b)}.png".replace("/", "_")
+            plot_heatmap(out / name, cell.to_numpy(), list(cell.index), list(cell.columns), _label(a), _label(b),
+                         title=f"{value} {metric} (mean over other parameters)")
+            lines += [f"![{value} {a} x {b}]({name})", ""]
+    if metric in trials:
+        curves = {}
+        groups = trials.dropna(subset=["round"]).groupby(swept, sort=True) if swept else [(("all",), trials.dropna(subset=["round"]))]
+        for values, group in groups:
+            values = values if isinstance(values, tuple) else (values,)
+            label = ", ".join(f"{_label(p)}={v}" for p, v in zip(swept, values)) or "all"
+            mean = group.groupby("round")[metric].mean()
+            curves[label] = list(zip(mean.index.astype(int), mean.to_numpy()))
+        plot_series(out / "curves.png", curves, ylabel=metric, xlabel="round", title=f"{spec.name}: mean over seeds")
+        lines += ["## By round", "", "![metric by round](curves.png)", ""]
+    (out / "report.md").write_text("\n".join(lines))
+    return out / "report.md"
+
+
+def report_run(run_dir: Path) -> Path:
+    """A single run: the main metric of every view by round, and the summary."""
+    summary = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").is_file() else {}
+    rows = pq.read_table(run_dir / "metrics.parquet").to_pandas()
+    metric = summary.get("main_metric") or ("jaccard" if "jaccard" in set(rows["metric"]) else "accuracy")
+    views = rows[(rows["metric"] == metric) & rows["scope"].isin(["central", "site", "holdout"])]
+    table = views.assign(view=views["scope"] + ":" + views["id"]).pivot(index="round", columns="view", values="value")
+    out = run_dir / "report.md"
+    table.reset_index().to_csv(run_dir / "report.csv", index=False)
+    lines = [f"# Run {run_dir.name}", "", f"`{metric}` by round and view.", "",
+             _markdown(table.reset_index().round(4)), ""]
+    if summary:
+        lines += [f"Best {summary.get('selected_by')} {metric}: {summary.get('best_value')} at round "
+                  f"{summary.get('best_round')}; rounds to threshold: {summary.get('rounds_to_threshold')}.", ""]
+    if (run_dir / f"{metric}.png").is_file():
+        lines += [f"![{metric}]({metric}.png)", ""]
+    out.write_text("\n".join(lines))
+    return out
+
+
+def report(path: str | Path, threshold: float | None = None) -> Path:
+    """Report a sweep folder or a run folder; returns the Markdown file."""
+    from cxrfl_ray.sweep import TRIALS_FILE
+
+    path = Path(path)
+    if (path / TRIALS_FILE).is_file():
+        return report_sweep(path, threshold)
+    if (path / "metrics.parquet").is_file():
+        return report_run(path)
+    raise ConfigError(f"{path}: neither a sweep folder (no {TRIALS_FILE}) nor a run folder (no metrics.parquet)")

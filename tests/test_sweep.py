@@ -1,0 +1,167 @@
+"""`cxrfl sweep` and `cxrfl report`: real Ray Tune trials, each a real federated simulation on
+the session's Ray; specs are validated before anything starts; a killed sweep resumes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from cxrfl_ray.config import ConfigError
+from cxrfl_ray.report import NOT_REACHED, report, rounds_to_reach
+from cxrfl_ray.sweep import load_spec, run_sweep, validate
+from tests.fl.test_simulate import _descendants
+
+SMOKE = Path(__file__).resolve().parents[1] / "tune_configs" / "smoke.yaml"
+CONFIGS = sorted((SMOKE.parent).glob("*.yaml"))
+
+
+def smoke_overrides(tmp: Path) -> list[str]:
+    return [f"base.data.path={tmp / 'phantoms'}", "base.tracking.wandb=offline"]
+
+
+def metrics_only(frame: pd.DataFrame) -> pd.DataFrame:
+    """The reproducible part of trials.parquet: parameters and metrics, no timings or paths."""
+    keep = [c for c in frame.columns if c.startswith("param:") or c == "round"
+            or (c.count("/") == 2 and not c.endswith("_seconds") and not c.startswith("round/"))]
+    return frame[keep].sort_values(["param:train.epochs", "param:fl.clients_per_round", "round"]).reset_index(drop=True)
+
+
+@pytest.fixture(scope="module")
+def smoke_sweep(tmp_path_factory, ray_session):
+    tmp = tmp_path_factory.mktemp("smoke")
+    return run_sweep(SMOKE, out=tmp / "sweep", overrides=smoke_overrides(tmp), quiet=True), tmp
+
+
+@pytest.mark.parametrize("spec", CONFIGS, ids=[p.stem for p in CONFIGS])
+def test_shipped_specs_parse(spec):
+    loaded = load_spec(spec)
+    assert loaded.name == spec.stem
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"space": {"train.lr": {"grid": [0.1, -1.0]}}}, r"(?s)trial train.lr=-1.0.*train.lr: Input should be greater than 0"),
+    ({"space": {"train.lr": {"between": [1, 2]}}}, r"space.train.lr: give exactly one of grid, choice"),
+    ({"space": {"train.lr": {"loguniform": [0, 1]}}}, r"loguniform: bounds must be > 0"),
+    ({"space": {"fl.clients_per_round": {"grid": [1, 5]}}}, r"(?s)clients_per_round=5.*more than partition.clients 3"),
+    ({"search": "optuna", "space": {"train.lr": {"grid": [0.1]}}}, r"optuna: use choice instead of grid"),
+    ({"metric": "jaccard"}, r"metric 'jaccard': write scope/id/name, e.g. central/val/jaccard"),
+])
+def test_bad_specs_are_refused_before_ray_starts(tmp_path, phantoms, change, message):
+    data = yaml.safe_load(SMOKE.read_text())
+    data.update(change)
+    data["base"]["data"]["path"] = str(phantoms(n=120, size=48))
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(ConfigError, match=message):
+        validate(load_spec(path))
+
+
+def test_rounds_to_reach_is_the_first_round_at_the_threshold():
+    assert rounds_to_reach([0, 1, 2, 3], [0.1, 0.5, 0.4, 0.9], 0.5, "max") == 1
+    assert rounds_to_reach([0, 1, 2], [1.0, 0.8, 0.7], 0.75, "min") == 2
+    assert rounds_to_reach([0, 1], [0.1, 0.2], 0.92, "max") is None
+
+
+@pytest.mark.timeout(600)
+def test_smoke_sweep_writes_every_trial_round_and_a_report_that_matches(smoke_sweep):
+    sweep, _ = smoke_sweep
+    trials = pq.read_table(sweep / "trials.parquet").to_pandas()
+    spec = load_spec(sweep / "spec.yaml")
+    assert sorted(trials["trial"].unique().tolist()) == sorted(p.name for p in (sweep / "trials").iterdir() if p.is_dir())
+    assert trials["trial"].nunique() == 4 and set(trials["status"]) == {"TERMINATED"}
+    assert set(zip(trials["param:train.epochs"], trials["param:fl.clients_per_round"])) == {(1, 1), (1, 2), (2, 1), (2, 2)}
+    assert sorted(trials.groupby("trial")["round"].apply(list).apply(sorted).tolist()) == [[0, 1, 2, 3]] * 4
+    for run in trials["run_dir"].unique():
+        run = Path(run)
+        # Each trial is a whole run folder, and a W&B run grouped by the sweep's name.
+        assert json.loads((run / "summary.json").read_text())["rounds"] == 3
+        assert yaml.safe_load((run / "config.yaml").read_text())["tracking"]["group"] == "smoke"
+        assert list((run / "wandb").glob("offline-run-*"))
+    # Each trial ran with its own parameters: its cohort size, and local epochs x steps per epoch.
+    trained = trials[trials["round"] >= 1]
+    assert (trained["round/server/selected"] == trained["param:fl.clients_per_round"]).all()
+    for run, epochs in trained.groupby("run_dir")["param:train.epochs"].first().items():
+        clients = pq.read_table(Path(run) / "metrics.parquet").to_pandas()
+        steps = clients[(clients["scope"] == "client") & (clients["metric"] == "steps")]["value"]
+        assert set(steps) == {2 * epochs}
+
+    md = report(sweep)
+    configs = pd.read_csv(md.parent / "configs.csv")
+    metric, threshold = "central/val/jaccard", spec.threshold
+    for row in configs.itertuples():
+        mine = trials[(trials["param:train.epochs"] == row[1]) & (trials["param:fl.clients_per_round"] == row[2])]
+        series = mine.dropna(subset=["round"]).sort_values("round")
+        assert float(row.final) == pytest.approx(series[metric].iloc[-1], abs=1e-4)
+        assert float(row.best) == pytest.approx(series[metric].max(), abs=1e-4)
+        reached = rounds_to_reach(series["round"].tolist(), series[metric].tolist(), threshold, "max")
+        assert row.rounds_to_threshold == (NOT_REACHED if reached is None else f"{reached:.1f}")
+    text = md.read_text()
+    assert "## Rounds to reach central/val/jaccard ≥ 0.5" in text and "| train.epochs | fl.clients_per_round=1 |" in text
+    for png in ("curves.png", "heatmap_final_train.epochs_x_fl.clients_per_round.png"):
+        assert (md.parent / png).stat().st_size > 1000 and f"]({png})" in text
+
+
+@pytest.mark.timeout(900)
+def test_a_killed_sweep_resumes_only_unfinished_trials(smoke_sweep, tmp_path, ray_session):
+    reference, data_tmp = smoke_sweep
+    out = tmp_path / "sweep"
+    cmd = [sys.executable, "-m", "cxrfl_ray.cli", "sweep", str(SMOKE), "--out", str(out), "--quiet",
+           "--set", "max_concurrent=1", *sum((["--set", o] for o in smoke_overrides(data_tmp)), [])]
+    proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 400
+        while time.time() < deadline:
+            done = list(out.glob("trials/*/summary.json"))
+            if done:
+                break
+            assert proc.poll() is None, "the sweep ended before it could be killed"
+            time.sleep(0.5)
+        assert done, "no trial finished in time"
+    finally:
+        victims = _descendants(proc.pid)
+        os.killpg(proc.pid, signal.SIGKILL)
+        for pid in victims:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        proc.wait()
+    finished = {p.parent.name: p.parent.joinpath("metrics.parquet").stat().st_mtime_ns for p in out.glob("trials/*/summary.json")}
+    assert 1 <= len(finished) < 4
+    with pytest.raises(ConfigError, match="exists; continue it with --resume"):
+        run_sweep(SMOKE, out=out, overrides=smoke_overrides(data_tmp) + ["max_concurrent=1"])
+    with pytest.raises(ConfigError, match="differs from the spec this sweep started with .* in: max_concurrent"):
+        run_sweep(SMOKE, out=out, resume=True, overrides=smoke_overrides(data_tmp))
+    run_sweep(SMOKE, out=out, resume=True, quiet=True, overrides=smoke_overrides(data_tmp) + ["max_concurrent=1"])
+    for name, mtime in finished.items():  # finished trials were not run again
+        assert (out / "trials" / name / "metrics.parquet").stat().st_mtime_ns == mtime
+    resumed = pq.read_table(out / "trials.parquet").to_pandas()
+    assert resumed["trial"].nunique() == 4 and bool(resumed["finished"].all())
+    pd.testing.assert_frame_equal(metrics_only(resumed), metrics_only(pq.read_table(reference / "trials.parquet").to_pandas()))
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
+def test_a_failing_trial_is_retried_and_reported(tmp_path, phantoms, ray_session):
+    data = yaml.safe_load(SMOKE.read_text())
+    data["space"] = {"train.device": {"grid": ["cuda"]}}
+    data["base"]["data"]["path"] = str(phantoms(n=120, size=48))
+    data["max_retries"] = 1
+    spec = tmp_path / "failing.yaml"
+    spec.write_text(yaml.safe_dump(data))
+    sweep = run_sweep(spec, out=tmp_path / "sweep", quiet=True)
+    trials = pq.read_table(sweep / "trials.parquet").to_pandas()
+    assert trials["status"].tolist() == ["ERROR"] and trials["attempts"].tolist() == [2]  # tried, retried once
+    assert "no CUDA device is available" in trials["error"].iloc[0]
+    text = report(sweep).read_text()
+    assert "1 trials (1 failed)" in text and "no CUDA device" in text
