@@ -256,17 +256,24 @@ def _final_metrics(run_dir: Path) -> dict[str, float]:
             if r["round"] == last and r["scope"] in ("central", "site", "holdout", "round")}
 
 
+def _absolute(key: str, value: Any) -> Any:
+    """A local data or weights path made absolute (URIs, ``hub`` and None stay as they are)."""
+    if key not in ("data.path", "model.pretrained") or not isinstance(value, str):
+        return value
+    if "://" in value or value == "hub" or Path(value).is_absolute():
+        return value
+    return str(Path(value).resolve())
+
+
 def with_absolute_paths(spec: SweepSpec) -> SweepSpec:
-    """Trials run in their own working folder: make the base's local paths absolute here."""
+    """Trials run in their own working folder: make local paths in the base and space absolute."""
     base = base_config(spec)
-    fixes = {}
-    path = base.get("data", {}).get("path")
-    if path and "://" not in str(path) and not Path(path).is_absolute():
-        fixes["data.path"] = str(Path(path).resolve())
-    weights = base.get("model", {}).get("pretrained")
-    if weights and weights != "hub" and not Path(weights).is_absolute():
-        fixes["model.pretrained"] = str(Path(weights).resolve())
-    return spec.model_copy(update={"base": apply_params(spec.base, fixes)}) if fixes else spec
+    fixes = {key: _absolute(key, base.get(key.split(".")[0], {}).get(key.split(".")[1]))
+             for key in ("data.path", "model.pretrained")}
+    fixes = {k: v for k, v in fixes.items() if v is not None}
+    space = {key: {kind: [_absolute(key, v) for v in values] if kind in ("grid", "choice") else values
+                   for kind, values in dim.items()} for key, dim in spec.space.items()}
+    return spec.model_copy(update={"base": apply_params(spec.base, fixes), "space": space})
 
 
 def make_phantoms(spec: SweepSpec) -> None:
