@@ -1,0 +1,200 @@
+"""Per-message cost of moving model weights through Flower's message path, broken into parts.
+
+Every federated round sends the global weights to each selected client and gets the client's
+weights back, as a Flower ``Message`` holding an ``ArrayRecord``. This measures what one such
+message costs for models of ~0.1M (tiny-conv), 11M (resnet18) and 23.5M (resnet50) parameters
+(classification, 1 channel, 3 classes), so the fixed cost of a round can be told apart from
+training. Components (median of several repeats, ms):
+
+- ``to_record``: ``ArrayRecord(state_dict)`` from a torch state dict (``trainable_state``):
+  Flower serialises every tensor with ``np.save`` into ``bytes``;
+- ``from_record``: ``record.to_torch_state_dict()`` (``np.load`` of each array);
+- ``pickle``: ``pickle.dumps`` + ``loads`` of a ``Message`` carrying the record (what Ray does
+  to a task argument and to its return value);
+- ``ray_roundtrip``: a trivial Ray actor method that receives the Message and returns it
+  (serialise, put in the object store, transfer, deserialise; both ways);
+- ``end_to_end``: through the real runtime, ``cxrfl_ray.fl.engine.simulate`` with our backend:
+  a small ServerApp sends one train message per round to one node with the model's record, and
+  an echo ClientApp (this module's ``echo_app``) loads the weights into a torch model and replies
+  with its weights (no training). Per message = time of rounds 2..N / (N - 1); round 1 pays for
+  the actor's start-up. ``end_to_end (10 ms pull)`` repeats it with the grid's reply polling
+  interval cut from Flower's 0.1 s to 0.01 s, to show how much of a message is waiting on a poll.
+
+Target: ResNet50 <= 100 ms per message, end to end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import pickle
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.clientapp import ClientApp
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks._common import report, table  # noqa: E402
+from cxrfl_ray.fl.client import load_global, trainable_state  # noqa: E402
+from cxrfl_ray.tasks.models import create_model  # noqa: E402
+
+MODELS = ["tiny-conv", "resnet18", "resnet50"]
+TARGET_MODEL, TARGET_MS = "resnet50", 100.0
+
+
+def build(name: str) -> torch.nn.Module:
+    return create_model(name, "classification", 1, 3)
+
+
+# -- the echo ClientApp: importable (``benchmarks.message_cost``), so Ray actors import it ---------
+
+echo_app = ClientApp()
+_ECHO_MODELS: dict[str, torch.nn.Module] = {}  # one resident model per name, per actor
+
+
+@echo_app.train()
+def echo(msg: Message, context: Context) -> Message:
+    """Load the weights into torch, reply with them: the message path without training."""
+    name = str(msg.content["config"]["model"])
+    if name not in _ECHO_MODELS:
+        _ECHO_MODELS[name] = build(name)
+    model = _ECHO_MODELS[name]
+    load_global(model, msg.content["arrays"])
+    return Message(content=RecordDict({"arrays": ArrayRecord(trainable_state(model))}), reply_to=msg)
+
+
+# -- components -----------------------------------------------------------------------------------
+
+def median_ms(fn, repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return 1000 * statistics.median(times)
+
+
+def train_message(record: ArrayRecord, name: str) -> Message:
+    """A train message as the ServerApp would build it (outside a run: set the identity that
+    ``engine.simulate`` sets for its ServerApp thread)."""
+    from flwr.common.constant import SUPERLINK_NODE_ID
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, SUPERLINK_NODE_ID
+    content = RecordDict({"arrays": record, "config": ConfigRecord({"model": name})})
+    return Message(content=content, dst_node_id=1, message_type="train")
+
+
+def components(name: str, repeats: int, echo_actor) -> dict:
+    import ray
+
+    state = trainable_state(build(name))
+    record = ArrayRecord(state)
+    msg = train_message(record, name)
+    return {
+        "params_m": float(f"{sum(v.numel() for v in state.values()) / 1e6:.3g}"),
+        "mb": round(record.count_bytes() / 1e6, 3),
+        "to_record_ms": median_ms(lambda: ArrayRecord(state), repeats),
+        "from_record_ms": median_ms(record.to_torch_state_dict, repeats),
+        "pickle_ms": median_ms(lambda: pickle.loads(pickle.dumps(msg, protocol=pickle.HIGHEST_PROTOCOL)), repeats),
+        "ray_roundtrip_ms": median_ms(lambda: ray.get(echo_actor.echo.remote(msg)), repeats),
+    }
+
+
+def end_to_end(name: str, rounds: int, pull_interval: float | None = None) -> float:
+    """Per-message ms through ``engine.simulate`` (rounds 2..N, one message per round)."""
+    from flwr.serverapp import Grid, ServerApp
+
+    from benchmarks.message_cost import echo_app as importable_echo_app  # by module name, not __main__
+    from cxrfl_ray.fl.engine import simulate
+
+    record = ArrayRecord(trainable_state(build(name)))
+    times: list[float] = []
+    errors: list[BaseException] = []
+    server_app = ServerApp()
+
+    @server_app.main()
+    def main(grid: Grid, context: Context) -> None:
+        try:
+            rounds_of(grid)
+        except BaseException as exc:  # Flower's server thread only logs it
+            errors.append(exc)
+            raise
+
+    def rounds_of(grid: Grid) -> None:
+        if pull_interval is not None:
+            grid.pull_interval = pull_interval
+        while not (nodes := list(grid.get_node_ids())):  # nodes register after the ServerApp starts
+            time.sleep(0.01)
+        node = nodes[0]
+        for rnd in range(1, rounds + 1):
+            content = RecordDict({"arrays": record, "config": ConfigRecord({"model": name})})
+            t = time.perf_counter()
+            replies = list(grid.send_and_receive([Message(content, node, "train", group_id=str(rnd))], timeout=600))
+            times.append(time.perf_counter() - t)
+            if len(replies) != 1 or replies[0].has_error():
+                raise RuntimeError(f"echo failed in round {rnd}: {replies and replies[0].error}")
+            replies[0].content["arrays"].to_torch_state_dict()  # what a strategy does with a reply
+
+    simulate(server_app, importable_echo_app, num_nodes=1, client_resources={"num_cpus": 1})
+    if errors:
+        raise RuntimeError(f"end-to-end run of {name} failed") from errors[0]
+    if len(times) != rounds:
+        raise RuntimeError(f"end-to-end run of {name} stopped after {len(times)} of {rounds} rounds")
+    return 1000 * sum(times[1:]) / (rounds - 1)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="fewer repeats and rounds (~2-3 min on 2 cores)")
+    args = parser.parse_args()
+    repeats, rounds = (5, 6) if args.quick else (15, 16)
+
+    import ray
+
+    from cxrfl_ray.fl.engine import start_ray
+
+    logging.getLogger("flwr").setLevel(logging.WARNING)
+    if not ray.is_initialized():
+        start_ray(num_cpus=2)
+
+    @ray.remote(num_cpus=1)
+    class Echo:
+        def echo(self, msg):
+            return msg
+
+    echo_actor = Echo.remote()
+    ray.get(echo_actor.echo.remote(None))  # actor up before timing
+
+    results = []
+    for name in MODELS:
+        row = {"model": name, **components(name, repeats, echo_actor)}
+        row["end_to_end_ms"] = end_to_end(name, rounds)
+        row["end_to_end_pull10_ms"] = end_to_end(name, rounds, pull_interval=0.01)
+        row = {k: round(v, 1) if isinstance(v, float) and k.endswith("_ms") else v for k, v in row.items()}
+        results.append(row)
+        print(row, flush=True)
+    ray.kill(echo_actor)
+
+    target = next(r for r in results if r["model"] == TARGET_MODEL)["end_to_end_ms"]
+    met = target <= TARGET_MS
+    verdict = f"target {TARGET_MODEL} <= {TARGET_MS:.0f} ms per message: {'met' if met else 'missed'} ({target} ms)"
+    lines = [f"Medians of {repeats} repeats; end to end over rounds 2..{rounds}, one message per round to one "
+             "node (1 CPU actor), echo client loading the weights into torch.", "",
+             *table({"model": "model", "params_m": "params (M)", "mb": "MB", "to_record_ms": "to_record ms",
+                     "from_record_ms": "from_record ms", "pickle_ms": "pickle ms",
+                     "ray_roundtrip_ms": "Ray round trip ms", "end_to_end_ms": "end to end ms",
+                     "end_to_end_pull10_ms": "end to end ms (10 ms pull)"}, results),
+             "", verdict + "."]
+    print(verdict, flush=True)
+    report("message_cost" + (" --quick" if args.quick else ""),
+           {"results": results, "target_ms": TARGET_MS, "target_met": met}, lines)
+
+
+if __name__ == "__main__":
+    main()
