@@ -46,7 +46,7 @@ def floor(cfg) -> tuple[float, float, list[float], float]:
     prep = rt.prep
     torch.set_num_threads(max(1, torch.get_num_threads()))
     seed_everything(cfg.seed)
-    server = create_model(cfg.model.name, cfg.task, cfg.data.channels, prep.num_classes)
+    server = create_model(cfg.model.name, cfg.task, cfg.data.channels, prep.num_classes, norm=cfg.model.norm)
     arrays = trainable_state(server)
     evaluate_views(prep, server, rt.device, rt.loss_fn, list(prep.views))
     setup = time.perf_counter() - start

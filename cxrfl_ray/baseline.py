@@ -60,7 +60,8 @@ def run_training(cfg: ExperimentConfig, local_only: int | None = None, quiet: bo
     sink = MetricsSink(run / "metrics.parquet")
 
     seed_everything(cfg.seed)
-    model = create_model(cfg.model.name, cfg.task, cfg.data.channels, prep.num_classes, cfg.model.pretrained).to(device)
+    model = create_model(cfg.model.name, cfg.task, cfg.data.channels, prep.num_classes, cfg.model.pretrained,
+                         norm=cfg.model.norm).to(device)
     loss_fn = prep.task.make_loss(cfg.loss_name, cfg.train.class_weights).to(device)
     optimizer = make_optimizer(model.parameters(), cfg.train)
     train_loader = prep.loader(rows, train=True)

@@ -55,6 +55,9 @@ class ModelConfig(Section):
     pretrained: str | None = Field(
         None, description="path to a local .pth/.safetensors file, or 'hub' to download (explicit)"
     )
+    norm: Literal["batch", "group"] = Field(
+        "batch", description="group: BatchNorm layers become GroupNorm (no running statistics for FedAvg to average)"
+    )
 
 
 class TrainConfig(Section):

@@ -15,18 +15,21 @@ PRESETS: dict[str, dict] = {
     "default-segmentation": {
         "name": "default-segmentation", "task": "segmentation", "out_dir": "runs/default",
         "data": {"path": DEFAULT_DATA, "size": 128, "augment": False},
-        "model": {"name": "unet-resnet18"}, "partition": {"clients": 8},
-        "train": {"optimizer": "adam", "lr": 3e-3, "batch_size": 8, "steps": 5, "eval_batch_size": 32},
+        # GroupNorm: averaged BatchNorm statistics misdescribe the averaged model (val Jaccard 0.21
+        # vs 0.92 after 5 rounds on these phantoms; see the closing note of issue 4).
+        "model": {"name": "unet-resnet18", "norm": "group"}, "partition": {"clients": 8},
+        "train": {"optimizer": "adam", "lr": 1e-3, "batch_size": 8, "steps": 5, "eval_batch_size": 32},
         "fl": {**_DEFAULT_FL, "thresholds": {"jaccard": 0.85}},
     },
     # 3-class classification on the same phantoms.
     "default-classification": {
         "name": "default-classification", "task": "classification", "out_dir": "runs/default",
-        "data": {"path": DEFAULT_DATA, "size": 128, "augment": False},
+        # 64 px and 15 Adam steps per round: enough local work for the weights to learn (at 128 px
+        # with 6 SGD steps they stayed at the majority class).
+        "data": {"path": DEFAULT_DATA, "size": 64, "augment": False},
         "model": {"name": "resnet18"}, "partition": {"clients": 8},
-        "train": {"optimizer": "sgd", "lr": 0.02, "momentum": 0.9, "batch_size": 10, "steps": 6,
-                  "eval_batch_size": 64},
-        "fl": {**_DEFAULT_FL, "thresholds": {"accuracy": 0.8}},
+        "train": {"optimizer": "adam", "lr": 1e-3, "batch_size": 8, "steps": 15, "eval_batch_size": 64},
+        "fl": {**_DEFAULT_FL, "rounds": 6, "thresholds": {"accuracy": 0.8}},
     },
     # The paper's segmentation: UNet++ EfficientNet-B4, 1024 px, batch 2, Adagrad 1e-3, 15 rounds, 3 clients.
     "paper-segmentation": {

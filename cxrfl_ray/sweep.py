@@ -165,10 +165,10 @@ def validate(spec: SweepSpec) -> list[ExperimentConfig]:
     if spec.search == "optuna":
         if any("grid" in d for d in spec.space.values()):
             raise ConfigError("search optuna: use choice instead of grid dimensions")
-        try:
-            import optuna  # noqa: F401
-        except ImportError:
-            raise ConfigError("search optuna needs the optuna package (pip install optuna)") from None
+        import importlib.util
+
+        if importlib.util.find_spec("optuna") is None:
+            raise ConfigError("search optuna needs the optuna package (pip install optuna)")
     return configs
 
 
@@ -287,15 +287,17 @@ def make_phantoms(spec: SweepSpec) -> None:
 
 def run_sweep(spec_path: str | Path, *, out: str | Path | None = None, resume: bool = False,
               address: str | None = None, quiet: bool = False, overrides: list[str] | None = None) -> Path:
-    """Run (or, with ``resume``, continue) a sweep; returns the sweep folder."""
+    """Run (or, with ``resume``, continue) a sweep; returns the sweep folder.
+
+    ``resume`` continues the sweep in its folder if there is one and starts it otherwise, so a
+    retried job (a KubeRay RayJob's backoff) picks up where the last attempt stopped.
+    """
     spec = load_spec(spec_path, overrides)
     make_phantoms(spec)
     configs = validate(spec)  # before Ray starts
     first = configs[0]
     sweep_dir = Path(out) if out else Path(spec.out_dir) / spec.name
     tune_dir = sweep_dir / TUNE_DIR
-    if resume and not sweep_dir.is_dir():
-        raise ConfigError(f"--resume: no sweep folder at {sweep_dir}")
     if not resume and sweep_dir.exists() and any(sweep_dir.iterdir()):
         raise ConfigError(f"sweep folder {sweep_dir} exists; continue it with --resume, or pick another --out")
     sweep_dir.mkdir(parents=True, exist_ok=True)

@@ -13,6 +13,7 @@ from typing import Any, Sequence
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from cxrfl_ray.data.schema import METADATA_COLUMNS, SCHEMA_VERSION
@@ -23,23 +24,64 @@ class DatasetError(ValueError):
     """A folder that is not a readable cxrfl dataset."""
 
 
+URI_SCHEMES = ("file", "s3", "gs", "gcs", "hdfs", "abfs", "abfss")
+
+
+def filesystem_for(location: str | Path) -> tuple[pafs.FileSystem, str]:
+    """``(pyarrow filesystem, path inside it)`` for a local path or a ``scheme://`` URI.
+
+    Cloud filesystems are built from the scheme without contacting anyone (credentials and
+    region come from the usual environment variables when the first file is read), so a URI can
+    be checked offline and every node of a cluster reads the same shared rows.
+    """
+    text = str(location)
+    if "://" not in text:
+        return pafs.LocalFileSystem(), str(Path(text).absolute())
+    scheme, rest = text.split("://", 1)
+    scheme = scheme.lower()
+    if scheme not in URI_SCHEMES:
+        raise DatasetError(f"{text}: unsupported scheme {scheme!r} (use a local path or one of "
+                           f"{', '.join(s + '://' for s in URI_SCHEMES)})")
+    if scheme == "s3":
+        return pafs.S3FileSystem(), rest.rstrip("/")
+    if scheme in ("gs", "gcs"):
+        return pafs.GcsFileSystem(), rest.rstrip("/")
+    fs, path = pafs.FileSystem.from_uri(text)
+    return fs, path.rstrip("/") or "/"
+
+
 class StoredDataset:
-    """A dataset folder opened for reading (cheap: only the card and Parquet footers)."""
+    """A dataset folder opened for reading (cheap: only the card and Parquet footers).
+
+    ``path`` is a local folder or a pyarrow filesystem URI (``file://``, ``s3://``, ``gs://``):
+    local shards are memory-mapped, remote ones read by ranges (only the needed row groups).
+    """
 
     def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
-        card_path = self.path / CARD_NAME
-        if not self.path.is_dir():
-            raise DatasetError(f"dataset folder not found: {self.path}")
-        if not card_path.exists():
+        text = str(path)
+        self.path: str | Path = text if "://" in text else Path(text)
+        self.fs, root = filesystem_for(text)
+        self._local = isinstance(self.fs, pafs.LocalFileSystem)
+        card_path = f"{root}/{CARD_NAME}"
+        try:
+            card_info = self.fs.get_file_info(card_path)
+        except OSError as exc:
+            raise DatasetError(f"{self.path}: cannot read ({exc})") from None
+        if card_info.type != pafs.FileType.File:
+            if self.fs.get_file_info(root).type != pafs.FileType.Directory:
+                raise DatasetError(f"dataset folder not found: {self.path}")
             raise DatasetError(f"{self.path} is not a cxrfl dataset: {CARD_NAME} is missing")
-        self.card: dict[str, Any] = json.loads(card_path.read_text())
+        with self.fs.open_input_stream(card_path) as fh:
+            self.card: dict[str, Any] = json.loads(fh.read())
         version = self.card.get("schema_version")
         if version != SCHEMA_VERSION:
             raise DatasetError(
-                f"{card_path}: schema_version {version} is not supported (expected {SCHEMA_VERSION})"
+                f"{self.path}/{CARD_NAME}: schema_version {version} is not supported (expected {SCHEMA_VERSION})"
             )
-        self._files = [pq.ParquetFile(self.path / s, memory_map=True) for s in self.card["shards"]]
+        if self._local:
+            self._files = [pq.ParquetFile(f"{root}/{s}", memory_map=True) for s in self.card["shards"]]
+        else:
+            self._files = [pq.ParquetFile(self.fs.open_input_file(f"{root}/{s}")) for s in self.card["shards"]]
         # Global row offset of each (shard, row group), for locating a row id.
         starts, locs = [], []
         offset = 0

@@ -76,7 +76,7 @@ class ClientImages(Dataset):
             raise ValueError(f"task must be one of {sorted(AUGMENTS)}, got {task!r}")
         if channels not in (1, 3):
             raise ValueError(f"channels must be 1 or 3, got {channels}")
-        self.path = Path(dataset.path if isinstance(dataset, StoredDataset) else dataset)
+        self.path = dataset.path if isinstance(dataset, StoredDataset) else dataset  # a folder or a URI
         self.row_ids = np.asarray(row_ids, dtype=np.int64)
         self.task = task
         self.size = size

@@ -59,7 +59,7 @@ def runtime(config_yaml: str) -> Runtime:
         torch.set_num_threads(cfg.train.num_threads or max(1, int(cfg.fl.client_num_cpus)))
         prep = prepare(cfg)
         device = select_device(cfg.train.device)
-        model = create_model(cfg.model.name, cfg.task, cfg.data.channels, prep.num_classes).to(device)
+        model = create_model(cfg.model.name, cfg.task, cfg.data.channels, prep.num_classes, norm=cfg.model.norm).to(device)
         loss_fn = prep.task.make_loss(cfg.loss_name, cfg.train.class_weights).to(device)
         _RUNTIMES.clear()  # one experiment per actor at a time
         _RUNTIMES[key] = Runtime(cfg, prep, model, device, loss_fn)

@@ -85,7 +85,8 @@ def make_server_app(prep: Prepared, run_dir: Path, outcome: Outcome, quiet: bool
     def _rounds(grid: Grid, tracker: WandbRun) -> None:
         device = select_device(cfg.train.device)
         seed_everything(cfg.seed)
-        model = create_model(cfg.model.name, cfg.task, cfg.data.channels, prep.num_classes, cfg.model.pretrained).to(device)
+        model = create_model(cfg.model.name, cfg.task, cfg.data.channels, prep.num_classes, cfg.model.pretrained,
+                             norm=cfg.model.norm).to(device)
         loss_fn = task.make_loss(cfg.loss_name, cfg.train.class_weights).to(device)
         arrays = ArrayRecord(trainable_state(model))
         strategy = make_strategy(cfg.fl.strategy.name, dict(cfg.fl.strategy.options),

@@ -72,7 +72,8 @@ def load_checkpoint(path: str | Path, task: str | None = None, device: str | tor
         )
     cfg = build_config(yaml.safe_load(meta["config"]), source=f"{path} (embedded config)")
     try:
-        model = create_model(meta["model"], meta["task"], int(meta["in_chans"]), int(meta["num_classes"]))
+        model = create_model(meta["model"], meta["task"], int(meta["in_chans"]), int(meta["num_classes"]),
+                             norm=cfg.model.norm)
     except ModelError as exc:
         raise CheckpointError(f"{path}: {exc}") from None
     state = load_file(str(path), device="cpu")

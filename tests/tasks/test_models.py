@@ -72,3 +72,21 @@ def test_missing_file_and_offline_hub_fail_fast(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ModelError, match="HF_HUB_OFFLINE=0.*local weights file"):
         create_model("resnet18", "classification", pretrained="hub")
+
+
+def test_groupnorm_replaces_every_batchnorm_and_survives_a_checkpoint(tmp_path):
+    from cxrfl_ray.config import build_config
+    from cxrfl_ray.tasks.checkpoint import load_checkpoint, save_checkpoint
+
+    batch = create_model("unet-resnet18", "segmentation", norm="batch")
+    group = create_model("unet-resnet18", "segmentation", norm="group")
+    kinds = lambda m: {type(x).__name__ for x in m.modules()}  # noqa: E731
+    assert "BatchNorm2d" in kinds(batch) and "GroupNorm" not in kinds(batch)
+    assert "BatchNorm2d" not in kinds(group) and "GroupNorm" in kinds(group)
+    # No running statistics are left for FedAvg to average.
+    assert not any("running_mean" in k for k in group.state_dict())
+    cfg = build_config({"task": "segmentation", "model": {"name": "unet-resnet18", "norm": "group"}})
+    path = save_checkpoint(tmp_path / "gn.safetensors", group, cfg, 1, [])
+    loaded, _, _ = load_checkpoint(path)
+    x = torch.randn(1, 1, 64, 64)
+    assert torch.allclose(loaded.eval()(x), group.eval()(x))
