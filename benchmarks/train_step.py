@@ -25,8 +25,13 @@ CASES = [
 ]
 
 
-def step_rate(name: str, size: int, batch: int, device: torch.device, steps: int) -> float:
+def step_rate(name: str, size: int, batch: int, device: torch.device, steps: int) -> tuple[float, float | None]:
+    """Training images/s, and on CUDA the peak GPU memory (GB) of one client doing it: what
+    decides how many clients share a GPU (``fl.client_num_gpus``)."""
     task = MODELS[name].task
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
     torch.manual_seed(0)
     model = create_model(name, task, 1, 3).to(device).train()
     loss_fn = TASKS[task].make_loss("dice_bce" if task == "segmentation" else "cross_entropy").to(device)
@@ -48,7 +53,10 @@ def step_rate(name: str, size: int, batch: int, device: torch.device, steps: int
         step()
     if device.type == "cuda":
         torch.cuda.synchronize()
-    return batch * steps / (time.perf_counter() - start)
+    rate = batch * steps / (time.perf_counter() - start)
+    peak = torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None
+    del model, opt, x, y
+    return rate, peak
 
 
 def main() -> None:
@@ -63,11 +71,12 @@ def main() -> None:
         # 1024 px segmentation takes minutes per step on 2 CPU cores: quick mode uses 512.
         top = min(paper_size, 512) if args.quick and device.type == "cpu" else paper_size
         for size in (top, 128):
-            rate = step_rate(name, size, batch if size == top else 8, device, steps)
+            rate, peak = step_rate(name, size, batch if size == top else 8, device, steps)
             results.append({"model": name, "size": size, "batch": batch if size == top else 8,
-                            "images_per_s": round(rate, 2)})
+                            "images_per_s": round(rate, 2), "peak_gpu_gb": round(peak, 2) if peak else "-"})
             print(results[-1], flush=True)
-    lines = table({"model": "model", "size": "px", "batch": "batch", "images_per_s": "train images/s"}, results)
+    lines = table({"model": "model", "size": "px", "batch": "batch", "images_per_s": "train images/s",
+                   "peak_gpu_gb": "peak GPU GB per client"}, results)
     report(f"train_step ({args.device}{', quick' if args.quick else ''})", {"results": results}, lines)
 
 
