@@ -55,7 +55,6 @@ def step_rate(name: str, size: int, batch: int, device: torch.device, steps: int
         torch.cuda.synchronize()
     rate = batch * steps / (time.perf_counter() - start)
     peak = torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None
-    del model, opt, x, y
     return rate, peak
 
 

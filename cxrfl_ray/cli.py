@@ -201,6 +201,39 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_mask(args: argparse.Namespace) -> int:
+    from cxrfl_ray.cascade import mask_dataset
+
+    card = mask_dataset(
+        args.seg_checkpoint, args.dataset, args.out, threshold=args.threshold, min_area=args.min_area,
+        max_area=args.max_area, max_components=args.max_components, drop_flagged=args.drop_flagged,
+        batch_size=args.batch_size, device=args.device, progress=not args.quiet,
+    )
+    print(summarize_card(card))
+    flagged = card["cascade"]["flagged"]
+    verb = "dropped" if args.drop_flagged else "kept, listed in the card"
+    print(f"{len(flagged)} images with implausible lung masks ({verb})")
+    for f in flagged[:10]:
+        print(f"  flagged {f['id']}: {f['reason']}")
+    print(f"wrote {Path(args.out).resolve()}")
+    return 0
+
+
+def cmd_cam(args: argparse.Namespace) -> int:
+    from cxrfl_ray.interpret import run_cam
+
+    result = run_cam(
+        args.checkpoint, args.dataset, args.out, n=args.n, method=args.method, layer=args.layer,
+        compare=args.compare, compare_dataset=args.compare_dataset, masks=args.masks, seg=args.seg,
+        split=args.split, seed=args.seed, device=args.device,
+    )
+    for name, summary in result["summaries"].items():
+        per_class = ", ".join(f"{k} {v:.3f}" for k, v in summary.items() if k != "overall")
+        print(f"  {name}: lung focus {summary['overall']:.3f} ({per_class})")
+    print(f"report: {Path(result['report']).resolve()}")
+    return 0
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     from cxrfl_ray.tasks.models import MODELS
 
@@ -290,7 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("sweep", help="Ray Tune sweep over FL parameters (one trial = one simulation)")
     p.add_argument("spec", help="sweep spec YAML (see tune_configs/)")
-    p.add_argument("--resume", action="store_true", help="continue an interrupted sweep: only unfinished trials run")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted sweep (only unfinished trials run); start it if new")
     p.add_argument("--out", help="sweep folder (default: SPEC out_dir/name)")
     p.add_argument("--address", help="Ray cluster address (default: a local Ray started here)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", default=[],
@@ -311,6 +344,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold", type=float, default=0.5, help="segmentation probability threshold")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("mask", help="cut the lungs out of a dataset's images with a segmentation model")
+    p.add_argument("seg_checkpoint", help="a segmentation .safetensors checkpoint")
+    p.add_argument("dataset", help="dataset folder to mask")
+    p.add_argument("--out", required=True, help="masked dataset folder to write (same ids, labels, splits)")
+    p.add_argument("--threshold", type=float, default=0.05,
+                   help="lung probability below which pixels are zeroed (default 0.05, the paper's)")
+    p.add_argument("--min-area", type=float, default=0.05, help="flag masks covering less of the image (default 0.05)")
+    p.add_argument("--max-area", type=float, default=0.8, help="flag masks covering more of the image (default 0.8)")
+    p.add_argument("--max-components", type=int, default=2, help="flag masks with more separate regions (default 2)")
+    p.add_argument("--drop-flagged", action="store_true", help="leave flagged images out of the new dataset")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_mask)
+
+    p = sub.add_parser("cam", help="Grad-CAM overlays and the lung-focus score of one or two classifiers")
+    p.add_argument("checkpoint", help="a classification .safetensors checkpoint")
+    p.add_argument("dataset", help="dataset folder the images come from")
+    p.add_argument("--out", required=True, help="output folder (overlays, grid.png, focus.csv, cam_report.md)")
+    p.add_argument("--n", type=int, default=16, help="number of images (default 16)")
+    p.add_argument("--method", default="gradcam", choices=["gradcam", "gradcam++", "scorecam", "eigencam"])
+    p.add_argument("--layer", help="dotted target layer, e.g. layer4.-1 (default: the model's last conv block)")
+    p.add_argument("--compare", metavar="CHECKPOINT2", help="a second classifier shown side by side")
+    p.add_argument("--compare-dataset", metavar="DATASET2",
+                   help="dataset the second classifier sees, matched by id (default: DATASET)")
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--masks", metavar="DATASET_WITH_MASKS", help="take lung masks from this dataset, by id")
+    source.add_argument("--seg", metavar="SEG_CHECKPOINT", help="predict lung masks with this segmentation model")
+    p.add_argument("--split", default="test", help="split to draw images from (default test)")
+    p.add_argument("--seed", type=int, default=0, help="seed for the choice of images (default 0)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.set_defaults(func=cmd_cam)
 
     p = sub.add_parser("models", help="list the registered models")
     p.set_defaults(func=cmd_models)

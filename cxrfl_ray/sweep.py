@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
@@ -172,6 +173,47 @@ def validate(spec: SweepSpec) -> list[ExperimentConfig]:
     return configs
 
 
+def estimate_cost(spec: SweepSpec, throughput: float | None = None) -> list[dict[str, Any]]:
+    """What each sweep point asks of a cluster, from the spec alone (``cxrfl sweep --dry-run``).
+
+    Per point: trials (seeds x samples), the GPUs and CPUs a trial reserves (its placement
+    group), images trained and evaluated. With ``throughput`` (training images/s of one client
+    on its GPU share, e.g. from ``benchmarks/train_step.py --device cuda``), also hours and
+    GPU-hours: clients of a round train in parallel, evaluation is counted at 3x training speed.
+    """
+    from cxrfl_ray.experiment import prepare
+
+    keys = list(spec.space)
+    choices = [_corners(*next(iter(spec.space[k].items()))) for k in keys]
+    random_dims = any(kind not in ("grid",) for dim in spec.space.values() for kind in dim)
+    rows, cache = [], {}
+    for combo in itertools.product(*choices):
+        params = dict(zip(keys, combo))
+        cfg = trial_config(spec, params)
+        key = json.dumps([cfg.data.model_dump(mode="json"), cfg.partition.model_dump(mode="json"), cfg.seed, cfg.task])
+        if key not in cache:
+            prep = prepare(cfg)
+            cache[key] = (float(np.mean([c.size for c in prep.plan.clients])),
+                          int(np.unique(np.concatenate(list(prep.views.values()))).size))
+        client_rows, eval_rows = cache[key]
+        cohort = cfg.clients_per_round
+        slots = spec.client_slots or cohort
+        per_client = cfg.train.epochs * (cfg.train.steps * cfg.train.batch_size if cfg.train.steps else client_rows)
+        train_images = cfg.fl.rounds * cohort * per_client
+        eval_images = (cfg.fl.rounds + 1) * eval_rows
+        gpus = spec.driver_gpus + slots * cfg.fl.client_num_gpus
+        row = {**{k: v for k, v in params.items()}, "trials": spec.seeds * (spec.num_samples if random_dims else 1),
+               "gpus_per_trial": round(gpus, 3), "cpus_per_trial": spec.driver_cpus + slots * cfg.fl.client_num_cpus,
+               "train_images": int(train_images), "eval_images": int(eval_images)}
+        if throughput:
+            waves = -(-cohort // slots)  # rounds of client training the slots need per FL round
+            seconds = (train_images / cohort) * waves / throughput + eval_images / (3 * throughput)
+            row["hours_per_trial"] = round(seconds / 3600, 3)
+            row["gpu_hours"] = round(row["trials"] * gpus * seconds / 3600, 3)
+        rows.append(row)
+    return rows
+
+
 def default_metric(cfg: ExperimentConfig) -> str:
     return f"central/{cfg.data.val_split}/{TASKS[cfg.task].main_metric}"
 
@@ -318,10 +360,7 @@ def run_sweep(spec_path: str | Path, *, out: str | Path | None = None, resume: b
     from cxrfl_ray.fl.engine import start_ray
 
     if not ray.is_initialized():
-        if address:
-            ray.init(address=address)
-        else:
-            start_ray(**spec.ray_init)
+        start_ray(**({**spec.ray_init, "address": address} if address else spec.ray_init))
     metric = spec.metric or default_metric(first)
     mode = spec.mode or default_mode(first, metric)
     trainable = tune.with_resources(_trainable(spec, sweep_dir.resolve()), _resources(spec))

@@ -41,17 +41,28 @@ class _DropKnownNoise(logging.Filter):
 
 
 def start_ray(**init_args) -> None:
-    """Start a local Ray for simulations: all CPUs, a small object store, no dashboard, quiet
-    (``init_args`` override, e.g. ``fl.ray_init``). Actors get the driver's import path and env."""
+    """Connect to the Ray cluster in ``RAY_ADDRESS`` (set inside a Ray job), else start a new
+    local Ray for simulations: all CPUs, a small object store, no dashboard, quiet
+    (``init_args`` override, e.g. ``fl.ray_init``). Actors get the driver's import path and env.
+
+    A new local Ray is asked for explicitly (``address="local"``): plain ``ray.init()`` would
+    join whatever ``ray start`` left running on the machine.
+    """
     import ray
 
-    init = {"num_cpus": os.cpu_count() or 1, "include_dashboard": False,
-            "object_store_memory": 256 * 1024**2, "logging_level": logging.WARNING, "log_to_driver": True}
-    init.update(init_args)
     for key, value in QUIET_ENV.items():
         os.environ.setdefault(key, value)
     pythonpath = os.pathsep.join(p for p in [*sys.path, os.environ.get("PYTHONPATH", "")] if p)
-    ray.init(runtime_env={"env_vars": {"PYTHONPATH": pythonpath, **QUIET_ENV}}, **init)
+    runtime_env = {"env_vars": {"PYTHONPATH": pythonpath, **QUIET_ENV}}
+    address = init_args.pop("address", None) or os.environ.get("RAY_ADDRESS")
+    if address and address != "local":
+        # A cluster's nodes have the package installed; they keep their own import path.
+        ray.init(address=address, runtime_env={"env_vars": dict(QUIET_ENV)}, logging_level=logging.WARNING)
+        return
+    init = {"num_cpus": os.cpu_count() or 1, "include_dashboard": False,
+            "object_store_memory": 256 * 1024**2, "logging_level": logging.WARNING, "log_to_driver": True}
+    init.update(init_args)
+    ray.init(address="local", runtime_env=runtime_env, **init)
 
 
 def ensure_ray(cfg: ExperimentConfig) -> None:
