@@ -172,12 +172,56 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 def cmd_sweep(args: argparse.Namespace) -> int:
     from cxrfl_ray.report import report
-    from cxrfl_ray.sweep import run_sweep
+    from cxrfl_ray.sweep import estimate_cost, load_spec, make_phantoms, run_sweep, validate
 
+    if args.dry_run:
+        spec = load_spec(args.spec, args.set)
+        make_phantoms(spec)
+        validate(spec)
+        rows = estimate_cost(spec, args.throughput)
+        keys = list(rows[0])
+        print("\t".join(keys))
+        for row in rows:
+            print("\t".join(str(row[k]) for k in keys))
+        trials = sum(r["trials"] for r in rows)
+        line = f"{len(rows)} points, {trials} trials (random dimensions counted at their range ends)"
+        if args.throughput:
+            line += f", {sum(r['gpu_hours'] for r in rows):.2f} GPU-hours at {args.throughput} training images/s per client"
+        else:
+            line += "; give --throughput IMG_PER_S (benchmarks/train_step.py --device cuda) for hours and GPU-hours"
+        print(line)
+        return 0
     sweep = run_sweep(args.spec, out=args.out, resume=args.resume, address=args.address, quiet=args.quiet,
                       overrides=args.set)
     print(f"trials: {(sweep / 'trials.parquet').resolve()}")
     print(f"report: {report(sweep).resolve()}")
+    return 0
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from cxrfl_ray.jobs import submit
+
+    command = list(args.command_args)
+    if command[:1] == ["--"]:
+        command = command[1:]
+    _, status = submit(args.address, command, remote_root=args.remote_root, python=args.python,
+                       follow=not args.no_follow, timeout=args.timeout, fetch=args.fetch)
+    print(f"job status: {status}")
+    return 0 if status in ("SUCCEEDED", "PENDING") else 1
+
+
+def cmd_job_status(args: argparse.Namespace) -> int:
+    from cxrfl_ray.jobs import job_status
+
+    for key, value in job_status(args.address, args.job_id).items():
+        print(f"{key}: {value}")
+    return 0
+
+
+def cmd_job_stop(args: argparse.Namespace) -> int:
+    from cxrfl_ray.jobs import stop_job
+
+    print(f"stop requested: {stop_job(args.address, args.job_id)}")
     return 0
 
 
@@ -329,7 +373,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", metavar="KEY=VALUE", default=[],
                    help="override a spec field, e.g. --set base.data.path=/data/lungseg (repeatable)")
     p.add_argument("--quiet", action="store_true")
+    p.add_argument("--dry-run", action="store_true", help="validate, then print each point's resources and work; run nothing")
+    p.add_argument("--throughput", type=float, help="with --dry-run: training images/s of one client, for GPU-hours")
     p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("submit", help="run a cxrfl command on a Ray cluster (Ray Job Submission), follow it, fetch results")
+    p.add_argument("--address", required=True, help="the cluster's dashboard, e.g. http://127.0.0.1:8265")
+    p.add_argument("--fetch", metavar="DIR", help="after a sweep succeeds, copy its folder (no checkpoints) here")
+    p.add_argument("--timeout", type=float, help="stop the job after this many seconds")
+    p.add_argument("--no-follow", action="store_true", help="submit and return the job id")
+    p.add_argument("--remote-root", default="$HOME/cxrfl-runs", help="where sweeps go on the cluster without --out")
+    p.add_argument("--python", default="python", help="the cluster's Python with this package installed")
+    p.add_argument("command_args", nargs=argparse.REMAINDER, metavar="-- COMMAND ...",
+                   help="the cxrfl command to run, e.g. -- sweep tune_configs/smoke.yaml")
+    p.set_defaults(func=cmd_submit)
+
+    for name, func, text in (("status", cmd_job_status, "a submitted job's status"),
+                             ("stop", cmd_job_stop, "stop a submitted job")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("--address", required=True, help="the cluster's dashboard, e.g. http://127.0.0.1:8265")
+        p.add_argument("job_id")
+        p.set_defaults(func=func)
 
     p = sub.add_parser("report", help="tables and plots of a sweep folder or a run folder")
     p.add_argument("path", help="a sweep folder (trials.parquet) or a run folder (metrics.parquet)")
@@ -396,6 +460,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.func(args)
     except (ConfigError, IngestError, PartitionError, DatasetError, CheckpointError, ModelError,
             FileExistsError, FileNotFoundError, ValueError) as exc:
+        if os.environ.get("CXRFL_DEBUG"):
+            raise
         print(f"cxrfl {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

@@ -56,8 +56,11 @@ def start_ray(**init_args) -> None:
     runtime_env = {"env_vars": {"PYTHONPATH": pythonpath, **QUIET_ENV}}
     address = init_args.pop("address", None) or os.environ.get("RAY_ADDRESS")
     if address and address != "local":
-        # A cluster's nodes have the package installed; they keep their own import path.
-        ray.init(address=address, runtime_env={"env_vars": dict(QUIET_ENV)}, logging_level=logging.WARNING)
+        # A cluster's nodes have the package installed; they keep their own import path. Inside a
+        # Ray job the job's runtime env applies (Ray refuses a second one that sets the same keys).
+        in_job = "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ
+        ray.init(address=address, logging_level=logging.WARNING,
+                 **({} if in_job else {"runtime_env": {"env_vars": dict(QUIET_ENV)}}))
         return
     init = {"num_cpus": os.cpu_count() or 1, "include_dashboard": False,
             "object_store_memory": 256 * 1024**2, "logging_level": logging.WARNING, "log_to_driver": True}
