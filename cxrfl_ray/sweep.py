@@ -361,6 +361,9 @@ def run_sweep(spec_path: str | Path, *, out: str | Path | None = None, resume: b
 
     if not ray.is_initialized():
         start_ray(**({**spec.ray_init, "address": address} if address else spec.ray_init))
+    from cxrfl_ray.fl.backend import release_idle_actors
+
+    release_idle_actors()  # actors kept from earlier simulations in this process hold CPUs trials need
     metric = spec.metric or default_metric(first)
     mode = spec.mode or default_mode(first, metric)
     trainable = tune.with_resources(_trainable(spec, sweep_dir.resolve()), _resources(spec))

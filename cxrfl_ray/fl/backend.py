@@ -11,12 +11,15 @@ class and message path but
 - places the actors in that placement group;
 - replaces an actor whose process died, so one lost client does not stall later rounds;
 - leaves Ray running, and keeps its idle actors for the next simulation of this driver with the
-  same resources (their torch and Flower imports are the bulk of a simulation's start-up).
+  same resources (their torch and Flower imports are the bulk of a simulation's start-up) for
+  ``KEEP_IDLE_S`` seconds: a kept actor holds its CPUs/GPUs, so anything else that needs them
+  (a Tune trial's placement group) would otherwise wait for them forever.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable
 
 import ray
@@ -28,8 +31,11 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 log = logging.getLogger("cxrfl.fl")
 
-# Idle actors left by finished simulations, by (Ray job, placement group, client resources).
-_IDLE: dict[tuple, list] = {}
+# Idle actors left by finished simulations, by (Ray job, placement group, client resources),
+# each with the token of the hand-back that put it there (its keep window).
+_IDLE: dict[tuple, list[tuple[object, object]]] = {}
+_LOCK = threading.Lock()
+KEEP_IDLE_S = 30.0
 
 
 def slots_in_bundles(bundles: list[dict[str, float]], client: dict[str, float]) -> int:
@@ -82,7 +88,8 @@ class PooledRayBackend(Backend):
         return ClientAppActor.options(**options).remote()
 
     def build(self, app_fn: Callable[[], ClientApp]) -> None:
-        kept = _IDLE.pop(self._key, [])
+        with _LOCK:
+            kept = [actor for actor, _ in _IDLE.pop(self._key, [])]
         self.idle = kept[: self.size] + [self._new_actor() for _ in range(self.size - len(kept[: self.size]))]
         for extra in kept[self.size:]:
             ray.kill(extra)
@@ -112,14 +119,32 @@ class PooledRayBackend(Backend):
         return reply, updated
 
     def terminate(self) -> None:
-        """Keep the idle actors for the next simulation; Ray stays up."""
-        _IDLE.setdefault(self._key, []).extend(self.idle)
-        self.idle = []
+        """Keep the idle actors for the next simulation, for a while; Ray stays up."""
+        actors, self.idle, token = self.idle, [], object()
+        with _LOCK:
+            _IDLE.setdefault(self._key, []).extend((actor, token) for actor in actors)
+        timer = threading.Timer(KEEP_IDLE_S, _release, args=(self._key, token))
+        timer.daemon = True
+        timer.start()
+
+
+def _release(key: tuple, token: object) -> None:
+    """Kill the actors of one hand-back that are still idle (not taken by a newer simulation)."""
+    with _LOCK:
+        idle = _IDLE.get(key, [])
+        expired = [actor for actor, t in idle if t is token]
+        _IDLE[key] = [(actor, t) for actor, t in idle if t is not token]
+    for actor in expired:
+        try:
+            ray.kill(actor)
+        except Exception:  # Ray may already be down (the driver is exiting)
+            pass
 
 
 def release_idle_actors() -> None:
-    """Kill the actors kept for reuse (before ``ray.shutdown`` or when resources change)."""
-    for actors in _IDLE.values():
-        for actor in actors:
-            ray.kill(actor)
-    _IDLE.clear()
+    """Kill the actors kept for reuse now (before a sweep needs the resources, or ``ray.shutdown``)."""
+    with _LOCK:
+        actors = [actor for kept in _IDLE.values() for actor, _ in kept]
+        _IDLE.clear()
+    for actor in actors:
+        ray.kill(actor)

@@ -47,3 +47,28 @@ def test_pool_is_sized_from_the_placement_group_it_runs_in(ray_session):
     finally:
         remove_placement_group(group)
     assert ray.is_initialized()
+
+
+@pytest.mark.timeout(120)
+def test_idle_actors_are_reused_then_released(ray_session, monkeypatch):
+    from cxrfl_ray.fl import backend as backend_module
+
+    ray = ray_session
+    backend_module.release_idle_actors()
+    monkeypatch.setattr(backend_module, "KEEP_IDLE_S", 1.0)
+    first = PooledRayBackend({"num_cpus": 1}, max_actors=2)
+    first.build(lambda: None)
+    actors = list(first.idle)
+    first.terminate()
+    second = PooledRayBackend({"num_cpus": 1}, max_actors=2)
+    second.build(lambda: None)  # within the keep window: the same actors, no new processes
+    assert {id(a) for a in second.idle} == {id(a) for a in actors}
+    second.terminate()
+    import time
+
+    time.sleep(3)  # past the keep window: the kept actors are gone and their CPUs free again
+    assert not any(backend_module._IDLE.values())
+    for actor in actors:
+        with pytest.raises(ray.exceptions.RayActorError):
+            ray.get(actor.__ray_ready__.remote(), timeout=30)
+    assert ray.available_resources().get("CPU", 0) == 2
