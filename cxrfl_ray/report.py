@@ -40,8 +40,9 @@ def trial_outcomes(trials: pd.DataFrame, metric: str, mode: str, threshold: floa
     params = [c for c in trials.columns if c.startswith("param:")]
     rows = []
     for trial, group in trials.groupby("trial", sort=True):
+        status = group["status"].iloc[0]  # also for a trial that failed before any round
         group = group.dropna(subset=["round"]).sort_values("round")
-        row = {"trial": trial, "status": group["status"].iloc[0] if len(group) else None,
+        row = {"trial": trial, "status": status,
                **{p: trials.loc[trials["trial"] == trial, p].iloc[0] for p in params}}
         if metric in group and group[metric].notna().any():
             series = group[["round", metric]].dropna()
