@@ -1,5 +1,7 @@
 """Sweep packing: the smoke sweep's 4 trials at concurrency 2 against concurrency 1, on one
-local Ray (each trial a placement group of a 0.5-CPU driver bundle and 0.5-CPU client bundles).
+local Ray with 2 CPUs. Each trial is a placement group of a 0.25-CPU driver bundle and 0.25-CPU
+client bundles, so two trials fit side by side whatever their cohort (with the smoke spec's 0.5
+CPUs, two 2-client trials need 3 CPUs and could never run together).
 
 Reports the wall time of each sweep, their ratio (target <= 0.6), and the per-trial overhead:
 from a trial's start (Tune's trial start time) to its first reported round (round 0 evaluation
@@ -42,7 +44,8 @@ def main() -> None:
     start_ray(num_cpus=2)
     results = []
     with tempfile.TemporaryDirectory() as tmp:
-        data = [f"base.data.path={tmp}/phantoms", "base.tracking.wandb=disabled", f"base.fl.rounds={rounds}"]
+        data = [f"base.data.path={tmp}/phantoms", "base.tracking.wandb=disabled", f"base.fl.rounds={rounds}",
+                "base.fl.client_num_cpus=0.25", "driver_cpus=0.25"]
         for concurrency in (1, 2):
             t = time.perf_counter()
             sweep = run_sweep(SMOKE, out=Path(tmp) / f"c{concurrency}", quiet=True,
@@ -53,7 +56,8 @@ def main() -> None:
                             "first_round_s_mean": round(sum(delays) / max(1, len(delays)), 1)})
             print(results[-1], flush=True)
     ratio = results[1]["wall_s"] / results[0]["wall_s"]
-    lines = [f"smoke spec (tiny-conv-seg, 48 px, 3 clients, {rounds} rounds), 4 trials, Ray with 2 CPUs.", "",
+    lines = [f"smoke spec (tiny-conv-seg, 48 px, 3 clients, {rounds} rounds), 4 trials, Ray with 2 CPUs, "
+             "0.25-CPU bundles.", "",
              *table({"concurrency": "concurrency", "trials": "trials", "wall_s": "sweep wall s",
                      "first_round_s_mean": "trial start to first round s (mean)"}, results), "",
              f"Ratio concurrency 2 / 1: {ratio:.2f} (target <= 0.6: {'met' if ratio <= 0.6 else 'missed'})."]
