@@ -31,6 +31,9 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/partition.py
 	$(BIN)/python benchmarks/train_step.py --quick
 	$(BIN)/python benchmarks/engine_overhead.py --quick
+	$(BIN)/python benchmarks/message_cost.py --quick
+	$(BIN)/python benchmarks/straightforward.py --quick
+	$(BIN)/python benchmarks/sweep_packing.py --quick
 
 clean:
 	rm -rf runs plans .pytest_cache
