@@ -34,6 +34,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/message_cost.py --quick
 	$(BIN)/python benchmarks/straightforward.py --quick
 	$(BIN)/python benchmarks/sweep_packing.py --quick
+	$(BIN)/python benchmarks/population.py --quick
 
 clean:
 	rm -rf runs plans .pytest_cache
