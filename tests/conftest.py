@@ -141,3 +141,37 @@ def ray_session():
     yield ray
     release_idle_actors()
     ray.shutdown()
+
+
+def _descendants(pid: int) -> list[int]:
+    """All processes below ``pid`` (Ray's GCS, raylet and workers of a killed driver)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as fh:
+                    ppid = int(fh.read().rsplit(")", 1)[1].split()[1])
+            except OSError:
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def kill_process_tree(proc) -> None:
+    """SIGKILL a subprocess started with ``start_new_session=True`` and everything below it (as a
+    crash or an OOM kill would), then reap it."""
+    import signal
+
+    victims = _descendants(proc.pid)
+    os.killpg(proc.pid, signal.SIGKILL)
+    for pid in victims:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait()

@@ -4,8 +4,6 @@ the session's Ray; specs are validated before anything starts; a killed sweep re
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
 import time
@@ -19,7 +17,7 @@ import yaml
 from cxrfl_ray.config import ConfigError
 from cxrfl_ray.report import NOT_REACHED, report, rounds_to_reach
 from cxrfl_ray.sweep import load_spec, run_sweep, validate
-from tests.fl.test_simulate import _descendants
+from tests.conftest import kill_process_tree
 
 SMOKE = Path(__file__).resolve().parents[1] / "tune_configs" / "smoke.yaml"
 CONFIGS = sorted((SMOKE.parent).glob("*.yaml"))
@@ -128,14 +126,7 @@ def test_a_killed_sweep_resumes_only_unfinished_trials(smoke_sweep, tmp_path, ra
             time.sleep(0.5)
         assert done, "no trial finished in time"
     finally:
-        victims = _descendants(proc.pid)
-        os.killpg(proc.pid, signal.SIGKILL)
-        for pid in victims:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        proc.wait()
+        kill_process_tree(proc)
     finished = {p.parent.name: p.parent.joinpath("metrics.parquet").stat().st_mtime_ns for p in out.glob("trials/*/summary.json")}
     assert 1 <= len(finished) < 4
     with pytest.raises(ConfigError, match="exists; continue it with --resume"):

@@ -15,6 +15,7 @@ from cxrfl_ray.config import ConfigError, build_config
 from cxrfl_ray.fl.engine import run_federated
 from cxrfl_ray.fl.client import _failure_draw
 from cxrfl_ray.fl.strategies import select_clients
+from tests.conftest import kill_process_tree
 
 def config(dataset, tmp_path, **over):
     base = {"name": "sim", "out_dir": str(tmp_path), "seed": 3, "task": "classification",
@@ -140,31 +141,8 @@ def test_presets_are_valid_and_the_cli_names_unknown_ones(tmp_path, capsys, monk
     assert (tmp_path / "runs/default/phantoms-128/dataset.json").is_file()
 
 
-def _descendants(pid: int) -> list[int]:
-    """All processes below ``pid`` (Ray's GCS, raylet and workers of a killed driver)."""
-    import os
-
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as fh:
-                    ppid = int(fh.read().rsplit(")", 1)[1].split()[1])
-            except OSError:
-                continue
-            children.setdefault(ppid, []).append(int(entry))
-    out, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            out.append(child)
-            todo.append(child)
-    return out
-
-
 @pytest.mark.timeout(500)
 def test_a_killed_run_resumes_to_the_same_metrics(phantoms, tmp_path, ray_session):
-    import os
-    import signal
     import subprocess
     import sys
     import time
@@ -191,14 +169,7 @@ def test_a_killed_run_resumes_to_the_same_metrics(phantoms, tmp_path, ray_sessio
             time.sleep(0.2)
         assert run is not None, "round 2 never completed"
     finally:
-        victims = _descendants(proc.pid)
-        os.killpg(proc.pid, signal.SIGKILL)
-        for pid in victims:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        proc.wait()
+        kill_process_tree(proc)
     assert saved_round(run) < 4
     resumed = run_federated(resume=run, quiet=True)
     assert resumed == run
