@@ -4,13 +4,14 @@ plan, the evaluation views, and data loaders, built the same way for every calle
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
 from cxrfl_ray.config import ConfigError, ExperimentConfig
-from cxrfl_ray.data.partition import PartitionError, Plan, plan_partition
+from cxrfl_ray.data.partition import PartitionError, Plan, evaluation_plan, plan_partition
 from cxrfl_ray.data.store import DatasetError, StoredDataset, open_dataset
 from cxrfl_ray.data.torch_dataset import ClientImages
 from cxrfl_ray.tasks import TASKS, Task
@@ -76,10 +77,16 @@ def evaluate_views(prep: Prepared, model, device, loss_fn, keys) -> dict[tuple[s
             for k in keys}
 
 
-def prepare(cfg: ExperimentConfig) -> Prepared:
+Role = Literal["simulation", "site", "server"]
+
+
+def prepare(cfg: ExperimentConfig, role: Role = "simulation") -> Prepared:
     """Open the dataset, check it fits the task, plan the clients and the evaluation views.
 
-    Every check runs here, before any training or Ray start, and names what is wrong.
+    Every check runs here, before any training or Ray start, and names what is wrong. ``role``:
+    a simulation plans ``cfg.partition``'s clients over the dataset. In a real federation the
+    dataset is one hospital's own (``site``: all its training rows are its one client), or the
+    server's evaluation data (``server``: no clients).
     """
     try:
         ds = open_dataset(cfg.data.path)
@@ -102,10 +109,16 @@ def prepare(cfg: ExperimentConfig) -> Prepared:
             )
     p = cfg.partition
     try:
-        plan = plan_partition(ds, p.scheme, p.clients, cfg.seed, holdout_sites=cfg.data.holdout_sites,
-                              train_splits=cfg.data.train_splits, **p.scheme_args())
+        if role == "simulation":
+            plan = plan_partition(ds, p.scheme, p.clients, cfg.seed, holdout_sites=cfg.data.holdout_sites,
+                                  train_splits=cfg.data.train_splits, **p.scheme_args())
+        elif role == "site":
+            plan = plan_partition(ds, "iid", 1, cfg.seed, train_splits=cfg.data.train_splits)
+        else:
+            plan = evaluation_plan(ds, cfg.seed, holdout_sites=cfg.data.holdout_sites,
+                                   train_splits=cfg.data.train_splits)
     except PartitionError as exc:
-        raise ConfigError(f"partition: {exc}") from None
+        raise ConfigError(f"{'partition' if role == 'simulation' else f'{role} dataset {ds.path}'}: {exc}") from None
     meta = ds.metadata
     sites = np.asarray(meta.column("site").to_pylist())
     labels = meta.column("label").to_numpy()
@@ -124,7 +137,8 @@ def prepare(cfg: ExperimentConfig) -> Prepared:
     plan.clients = [keep(c) for c in plan.clients]
     empty = [i for i, c in enumerate(plan.clients) if c.size == 0]
     if empty:
-        raise ConfigError(f"partition: client(s) {empty[:5]} have no usable rows (no {'mask' if has_mask is not None else 'label'})")
+        raise ConfigError(f"partition: client(s) {empty[:5]} of {ds.path} have no usable rows "
+                          f"(no {'mask' if has_mask is not None else 'label'})")
     views: dict[tuple[str, str], np.ndarray] = {}
     for split, rows in plan.central.items():
         rows = keep(rows)

@@ -143,6 +143,15 @@ def ray_session():
     ray.shutdown()
 
 
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def _descendants(pid: int) -> list[int]:
     """All processes below ``pid`` (Ray's GCS, raylet and workers of a killed driver)."""
     children: dict[int, list[int]] = {}

@@ -275,14 +275,27 @@ def plan_partition(
     bounds = np.searchsorted(client_of_row[order], np.arange(num_clients + 1))
     clients = [np.sort(pool[order[bounds[i]:bounds[i + 1]]]) for i in range(num_clients)]
 
-    splits = split.to_numpy(zero_copy_only=False)
+    plan = evaluation_plan(dataset, seed, holdout_sites=holdout_sites, train_splits=train_splits)
+    plan.scheme, plan.num_clients, plan.clients = scheme, num_clients, clients
+    plan.params.update(scheme_args)
+    return plan
+
+
+def evaluation_plan(dataset: StoredDataset | pa.Table, seed: int = 0, *, holdout_sites: Sequence[str] = (),
+                    train_splits: Sequence[str] = ("train",)) -> Plan:
+    """A plan without clients: only the rows kept for evaluation (central splits, held-out sites).
+    The server of a real federation has no clients' rows, and may hold no training rows at all."""
+    meta = dataset.metadata if isinstance(dataset, StoredDataset) else dataset
+    site = meta.column("site").to_numpy(zero_copy_only=False)
+    held = np.isin(site, list(holdout_sites))
+    splits = meta.column("split").to_numpy(zero_copy_only=False)
     central = {s: np.flatnonzero((splits == s) & ~held) for s in ("train", "val", "test") if s not in train_splits}
-    holdout = {s: np.flatnonzero(site.to_numpy(zero_copy_only=False) == s) for s in holdout_sites}
+    holdout = {s: np.flatnonzero(site == s) for s in holdout_sites}
     dataset_info = {}
     if isinstance(dataset, StoredDataset):
         dataset_info = {"path": str(dataset.path), "name": dataset.card.get("name"), "num_rows": dataset.num_rows}
-    params = {"holdout_sites": list(holdout_sites), "train_splits": list(train_splits), **scheme_args}
-    return Plan(scheme, num_clients, seed, params, clients, central, holdout, dataset_info)
+    params = {"holdout_sites": list(holdout_sites), "train_splits": list(train_splits)}
+    return Plan("none", 0, seed, params, [], central, holdout, dataset_info)
 
 
 def format_counts(rows: list[dict[str, Any]], label_names: Sequence[str], limit: int = 20) -> str:

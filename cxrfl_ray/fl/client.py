@@ -23,6 +23,7 @@ from cxrfl_ray.tasks.models import create_model
 from cxrfl_ray.tasks.training import make_optimizer, seed_everything, select_device, train_local
 
 EXPERIMENT_KEY = "experiment"  # the resolved config YAML, carried by every message
+SITE_DATA_KEY = "data-path"  # a real SuperNode's own dataset: --node-config 'data-path="/data/site"'
 
 
 class InjectedClientFailure(RuntimeError):
@@ -38,31 +39,42 @@ class Runtime:
     model: torch.nn.Module
     device: torch.device
     loss_fn: torch.nn.Module
+    site: bool = False  # a real federation's node: its own dataset is its one client
     images: dict[int, ClientImages] = field(default_factory=dict)
+
+    def rows(self, cid: int) -> np.ndarray:
+        return self.prep.plan.clients[0 if self.site else cid]
 
     def client_images(self, cid: int) -> ClientImages:
         if cid not in self.images:
-            self.images[cid] = self.prep.images(self.prep.plan.clients[cid], train=True, seed_offset=cid)
+            self.images[cid] = self.prep.images(self.rows(cid), train=True, seed_offset=cid)
         return self.images[cid]
 
 
 _RUNTIMES: dict[str, Runtime] = {}
 
 
-def runtime(config_yaml: str) -> Runtime:
-    key = hashlib.sha1(config_yaml.encode()).hexdigest()
+def runtime(config_yaml: str, site_data: str | None = None) -> Runtime:
+    """The actor's runtime for the experiment in a message. ``site_data``: in a real federation the
+    node trains on its own dataset (all its training rows), not on its rows of the plan."""
+    key = hashlib.sha1(f"{config_yaml}\0{site_data or ''}".encode()).hexdigest()
     if key not in _RUNTIMES:
         import yaml
 
-        cfg = build_config(yaml.safe_load(config_yaml), source="(message)")
-        # A client gets the CPUs Ray gave it, not the whole machine (no oversubscription).
-        torch.set_num_threads(cfg.train.num_threads or max(1, int(cfg.fl.client_num_cpus)))
-        prep = prepare(cfg)
+        raw = yaml.safe_load(config_yaml)
+        if site_data:
+            raw["data"]["path"] = site_data
+        cfg = build_config(raw, source="(message)")
+        # A virtual client gets the CPUs Ray gave it, not the whole machine (no oversubscription);
+        # a real site's node has its machine to itself.
+        if cfg.train.num_threads or not site_data:
+            torch.set_num_threads(cfg.train.num_threads or max(1, int(cfg.fl.client_num_cpus)))
+        prep = prepare(cfg, role="site" if site_data else "simulation")
         device = select_device(cfg.train.device)
         model = create_model(cfg.model.name, cfg.task, cfg.data.channels, prep.num_classes, norm=cfg.model.norm).to(device)
         loss_fn = prep.task.make_loss(cfg.loss_name, cfg.train.class_weights).to(device)
         _RUNTIMES.clear()  # one experiment per actor at a time
-        _RUNTIMES[key] = Runtime(cfg, prep, model, device, loss_fn)
+        _RUNTIMES[key] = Runtime(cfg, prep, model, device, loss_fn, site=bool(site_data))
     return _RUNTIMES[key]
 
 
@@ -111,13 +123,17 @@ def fit_client(rt: Runtime, cid: int, server_round: int, proximal_mu: float = 0.
                        steps=cfg.train.steps, first_epoch=server_round * cfg.train.epochs, regulariser=regulariser)
 
 
+def _site_data(context: Context) -> str | None:
+    return str(context.node_config[SITE_DATA_KEY]) if SITE_DATA_KEY in context.node_config else None
+
+
 app = ClientApp()
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     config = msg.content["config"]
-    rt = runtime(str(config[EXPERIMENT_KEY]))
+    rt = runtime(str(config[EXPERIMENT_KEY]), _site_data(context))
     cfg = rt.cfg
     cid, server_round = int(config[CLIENT_KEY]), int(config["server-round"])
     if _failure_draw(cfg.seed, server_round, cid) < cfg.faults.client_failure_rate:
@@ -138,10 +154,10 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     """The global model on the client's own rows (client-side evaluation)."""
     config = msg.content["config"]
-    rt = runtime(str(config[EXPERIMENT_KEY]))
+    rt = runtime(str(config[EXPERIMENT_KEY]), _site_data(context))
     cid = int(config[CLIENT_KEY])
     load_global(rt.model, msg.content["arrays"])
-    rows = rt.prep.plan.clients[cid]
+    rows = rt.rows(cid)
     metrics = rt.prep.task.evaluate(rt.model, rt.prep.loader(rows, train=False), rt.device, rt.loss_fn)
     record = {CLIENT_KEY: cid, "num-examples": int(rows.size)}
     record.update({k: float(v) for k, v in metrics.items() if not k.startswith("cm_")})

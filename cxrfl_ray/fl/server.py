@@ -62,25 +62,43 @@ def flat_metrics(results: dict[tuple[str, str], dict[str, float]], extra: dict |
 
 def make_server_app(prep: Prepared, run_dir: Path, outcome: Outcome, quiet: bool = False,
                     resume: bool = False, on_round: RoundHook | None = None) -> ServerApp:
-    """``on_round(round, metrics)`` is called after each round's evaluation (a sweep reports it)."""
-    cfg, task = prep.cfg, prep.task
+    """The simulation's ServerApp: ``serve`` in the caller's thread, its error kept in ``outcome``."""
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         try:
-            _run(grid)
+            serve(grid, prep, run_dir, outcome, quiet=quiet, resume=resume, on_round=on_round)
         except BaseException as exc:  # surfaced by the engine after Flower returns
             outcome.error = exc
             raise
 
-    def _run(grid: Grid) -> None:
-        tracker = WandbRun(cfg.tracking.wandb, run_dir, cfg.model_dump(mode="json"), name=run_dir.name,
-                           group=cfg.tracking.group, project=cfg.tracking.project)
-        try:
-            _rounds(grid, tracker)
-        finally:
-            tracker.finish(outcome.summary)
+    return app
+
+
+def wait_for_sites(grid: Grid, count: int, timeout: float) -> None:
+    """A real federation starts once its sites' SuperNodes have connected (they may come up after
+    the run was submitted)."""
+    deadline = time.monotonic() + timeout
+    while (connected := len(list(grid.get_node_ids()))) < count:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{connected} of {count} SuperNodes connected after {timeout:.0f} s "
+                               f"(partition.clients = {count} sites)")
+        time.sleep(0.5)
+    if connected > count:
+        log.warning("%d SuperNodes connected; the first %d (by node id) are the sites", connected, count)
+
+
+def serve(grid: Grid, prep: Prepared, run_dir: Path, outcome: Outcome, *, quiet: bool = False,
+          resume: bool = False, on_round: RoundHook | None = None, sites: bool = False) -> None:
+    """Rounds of seeded selection, aggregation and server-side evaluation, written to ``run_dir``.
+
+    ``on_round(round, metrics)`` is called after each round's evaluation (a sweep reports it).
+    ``sites``: a real federation, where each of ``partition.clients`` SuperNodes is one site that
+    trains on its own data; in a simulation any virtual node plays any client of the plan.
+    """
+    cfg, task = prep.cfg, prep.task
+    num_clients = cfg.partition.clients if sites else len(prep.plan.clients)
 
     def _rounds(grid: Grid, tracker: WandbRun) -> None:
         device = select_device(cfg.train.device)
@@ -90,8 +108,8 @@ def make_server_app(prep: Prepared, run_dir: Path, outcome: Outcome, quiet: bool
         loss_fn = task.make_loss(cfg.loss_name, cfg.train.class_weights).to(device)
         arrays = ArrayRecord(trainable_state(model))
         strategy = make_strategy(cfg.fl.strategy.name, dict(cfg.fl.strategy.options),
-                                 num_clients=len(prep.plan.clients), per_round=cfg.clients_per_round,
-                                 seed=cfg.seed, client_eval=cfg.fl.client_eval)
+                                 num_clients=num_clients, per_round=cfg.clients_per_round,
+                                 seed=cfg.seed, client_eval=cfg.fl.client_eval, sites=sites)
         train_config = ConfigRecord({EXPERIMENT_KEY: cfg.to_yaml()})
         main_metric = task.main_metric
         select_view = ("central", cfg.data.val_split) if ("central", cfg.data.val_split) in prep.views \
@@ -131,6 +149,8 @@ def make_server_app(prep: Prepared, run_dir: Path, outcome: Outcome, quiet: bool
             if on_round is not None:
                 on_round(0, flat_metrics(results))
         start = sink.start
+        if sites:
+            wait_for_sites(grid, num_clients, cfg.fl.round_timeout)
         bar = tqdm(total=cfg.fl.rounds, initial=done, unit="round", desc=cfg.name, disable=quiet, leave=False)
         for server_round in range(done + 1, cfg.fl.rounds + 1):
             messages = list(strategy.configure_train(server_round, arrays, train_config, grid))
@@ -170,7 +190,7 @@ def make_server_app(prep: Prepared, run_dir: Path, outcome: Outcome, quiet: bool
         series = sink.series(*select_view, main_metric)
         outcome.summary = {
             "task": cfg.task, "model": cfg.model.name, "strategy": cfg.fl.strategy.name,
-            "clients": len(prep.plan.clients), "clients_per_round": cfg.clients_per_round,
+            "clients": num_clients, "clients_per_round": cfg.clients_per_round,
             "rounds": cfg.fl.rounds, "main_metric": main_metric, "selected_by": "%s:%s" % select_view,
             "best_value": best, "best_round": best_round,
             "final": {f"{s}:{i}": m for (s, i), m in results.items()},
@@ -183,7 +203,12 @@ def make_server_app(prep: Prepared, run_dir: Path, outcome: Outcome, quiet: bool
                     {f"{s}:{i}": sink.series(s, i, main_metric) for (s, i) in prep.views if s in ("central", "holdout")},
                     ylabel=main_metric, xlabel="round", title=f"{cfg.name}: {cfg.fl.strategy.name}")
 
-    return app
+    tracker = WandbRun(cfg.tracking.wandb, run_dir, cfg.model_dump(mode="json"), name=run_dir.name,
+                       group=cfg.tracking.group, project=cfg.tracking.project)
+    try:
+        _rounds(grid, tracker)
+    finally:
+        tracker.finish(outcome.summary)
 
 
 def _print_round(server_round: int, rounds: int, results: dict, view: tuple, metric: str,

@@ -56,14 +56,20 @@ class Seeded:
     num_clients: int
     per_round: int
     seed: int
+    sites: bool  # a real federation: client i is the i-th connected node (the data is on the node)
 
     def _route(self, grid: Grid, clients: list[int]) -> _Nodes:
         nodes = sorted(grid.get_node_ids())
-        if len(nodes) < len(clients):
-            raise RuntimeError(f"{len(nodes)} nodes for {len(clients)} clients")
-        # Any virtual node can play any plan client: the message says which.
-        self._assignment = dict(zip(nodes, clients))
-        return _Nodes(grid, nodes[: len(clients)])
+        if self.sites:
+            if len(nodes) < self.num_clients:
+                raise RuntimeError(f"{len(nodes)} SuperNodes connected for {self.num_clients} sites")
+            chosen = [nodes[c] for c in clients]
+        else:
+            if len(nodes) < len(clients):
+                raise RuntimeError(f"{len(nodes)} nodes for {len(clients)} clients")
+            chosen = nodes[: len(clients)]  # any virtual node can play any plan client: the message says which
+        self._assignment = dict(zip(chosen, clients))
+        return _Nodes(grid, chosen)
 
     def configure_train(self, server_round: int, arrays, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         clients = select_clients(self.num_clients, self.per_round, self.seed, server_round)
@@ -111,7 +117,7 @@ def keep_mean(records: list[RecordDict], weighting_key: str) -> MetricRecord:
 
 
 def make_strategy(name: str, options: dict[str, Any], *, num_clients: int, per_round: int, seed: int,
-                  client_eval: bool) -> FedAvg:
+                  client_eval: bool, sites: bool = False) -> FedAvg:
     """A seeded instance of the named Flower strategy; bad options name the strategy."""
     base = STRATEGIES[name]
     cls = type(f"Seeded{base.__name__}", (Seeded, base), {})
@@ -122,6 +128,6 @@ def make_strategy(name: str, options: dict[str, Any], *, num_clients: int, per_r
         strategy = cls(**kwargs, **options)
     except TypeError as exc:
         raise ValueError(f"fl.strategy.options for {name}: {exc}") from None
-    strategy.num_clients, strategy.per_round, strategy.seed = num_clients, per_round, seed
+    strategy.num_clients, strategy.per_round, strategy.seed, strategy.sites = num_clients, per_round, seed, sites
     strategy.last_selection = []
     return strategy

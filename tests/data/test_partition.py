@@ -131,3 +131,35 @@ def test_plan_file_round_trip_and_cli(small_dataset, tmp_path, capsys):
     assert loaded.dataset["num_rows"] == 120 and loaded.params["alpha"] == 0.5
     assert cxrfl(["partition", str(small_dataset), "--clients", "999"]) == 2
     assert "more clients (999)" in capsys.readouterr().err
+
+
+def test_real_federation_roles_plan_site_and_server_rows(small_dataset, tmp_path):
+    """A site's dataset is its one client (all usable training rows); the server plans no clients
+    and keeps only the evaluation rows, also when it holds no training rows at all."""
+    from cxrfl_ray.config import build_config
+    from cxrfl_ray.data.writer import DatasetWriter
+    from cxrfl_ray.experiment import prepare
+    from tests.conftest import make_rows
+
+    cfg = build_config({"task": "segmentation", "data": {"path": str(small_dataset), "size": 32},
+                        "model": {"name": "tiny-conv-seg"}, "partition": {"clients": 3}})
+    splits = np.asarray(open_dataset(small_dataset).metadata.column("split").to_pylist())
+    site = prepare(cfg, role="site")
+    assert len(site.plan.clients) == 1
+    np.testing.assert_array_equal(site.plan.clients[0], np.flatnonzero(splits == "train"))
+    server = prepare(cfg, role="server")
+    assert server.plan.clients == []
+    simulation = prepare(cfg)
+    assert server.views.keys() == simulation.views.keys()
+    for key, rows in simulation.views.items():
+        np.testing.assert_array_equal(server.views[key], rows)
+
+    eval_only = tmp_path / "eval-only"
+    with DatasetWriter(eval_only, name="eval", label_names=["a", "b", "c"]) as w:
+        for row in make_rows(10, split_cycle=("val", "test")):
+            w.add(row)
+    server = prepare(build_config({**cfg.model_dump(mode="json"), "data": {"path": str(eval_only), "size": 32}}),
+                     role="server")
+    assert sorted(k for k in server.views if k[0] == "central") == [("central", "test"), ("central", "val")]
+    with pytest.raises(Exception, match="site dataset .*no training rows"):
+        prepare(server.cfg, role="site")
