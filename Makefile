@@ -38,3 +38,9 @@ bench: $(STAMP)
 
 clean:
 	rm -rf runs plans .pytest_cache
+
+# On a machine with a GPU (a GPU session's one command): train_step and gpu_packing with
+# --device cuda in under 8 minutes; outputs also to $OUT when set.
+.PHONY: bench-gpu
+bench-gpu:
+	bash benchmarks/gpu_check.sh
