@@ -105,6 +105,8 @@ def _label(param: str) -> str:
 
 
 def report_sweep(sweep_dir: Path, threshold: float | None = None) -> Path:
+    """``report/`` in a sweep folder: trial and configuration CSVs, ``report.md`` with the tables,
+    the rounds-to-threshold grid, heatmaps and curves."""
     from cxrfl_ray.sweep import SPEC_FILE, TRIALS_FILE, SweepSpec, default_metric, default_mode, trial_config
 
     spec = SweepSpec.model_validate(yaml.safe_load((sweep_dir / SPEC_FILE).read_text()))
@@ -130,40 +132,56 @@ def report_sweep(sweep_dir: Path, threshold: float | None = None) -> Path:
              f"{len(outcomes)} trials ({int((outcomes['status'] == 'ERROR').sum())} failed), "
              f"{len(configs)} configurations; metric `{metric}` ({mode}).", ""]
     if threshold is not None and len(swept) == 2 and "rounds_to_threshold" in configs:
-        rows_p, cols_p = swept
-        grid = configs.pivot(index=rows_p, columns=cols_p, values="rounds_to_threshold")
-        grid = grid.reset_index().rename(columns=lambda c: f"{_label(cols_p)}={c}" if c != rows_p else _label(rows_p))
-        lines += [f"## Rounds to reach {metric} {'≥' if mode == 'max' else '≤'} {threshold}", "",
-                  f"Rows: {_label(rows_p)}; columns: {_label(cols_p)}; mean ± spread over seeds.", "",
-                  _markdown(grid.fillna("")), ""]
+        lines += _rounds_grid(configs, swept, metric, mode, threshold)
     lines += [f"## Per configuration (best and final {metric}, lowest `{loss}`)", "",
               _markdown(configs.rename(columns=_label)), ""]
     if "error" in trials and trials["error"].notna().any():
         failed = trials.dropna(subset=["error"]).drop_duplicates("trial")
         lines += ["## Failed trials", ""] + [f"- `{r.trial}`: {r.error}" for r in failed.itertuples()] + [""]
+    lines += _heatmaps(out, outcomes, swept, metric)
+    if metric in trials:
+        lines += _curves(out, trials, swept, metric, spec.name)
+    (out / "report.md").write_text("\n".join(lines))
+    return out / "report.md"
 
-    numeric = outcomes.copy()
+
+def _rounds_grid(configs: pd.DataFrame, swept: list[str], metric: str, mode: str, threshold: float) -> list[str]:
+    """The paper's table: rounds to the threshold, first swept parameter by the second."""
+    rows_p, cols_p = swept
+    grid = configs.pivot(index=rows_p, columns=cols_p, values="rounds_to_threshold")
+    grid = grid.reset_index().rename(columns=lambda c: f"{_label(cols_p)}={c}" if c != rows_p else _label(rows_p))
+    return [f"## Rounds to reach {metric} {'≥' if mode == 'max' else '≤'} {threshold}", "",
+            f"Rows: {_label(rows_p)}; columns: {_label(cols_p)}; mean ± spread over seeds.", "",
+            _markdown(grid.fillna("")), ""]
+
+
+def _heatmaps(out: Path, outcomes: pd.DataFrame, swept: list[str], metric: str) -> list[str]:
+    """Final and best value for every pair of swept parameters (mean over the others)."""
+    lines = []
     for a, b in itertools.combinations(swept, 2):
         for value in ("final", "best"):
-            if value not in numeric:
+            if value not in outcomes:
                 continue
-            cell = numeric.groupby([a, b])[value].mean().unstack(b)
+            cell = outcomes.groupby([a, b])[value].mean().unstack(b)
             name = f"heatmap_{value}_{_label(a)}_x_{_label(b)}.png".replace("/", "_")
             plot_heatmap(out / name, cell.to_numpy(), list(cell.index), list(cell.columns), _label(a), _label(b),
                          title=f"{value} {metric} (mean over other parameters)")
             lines += [f"![{value} {a} x {b}]({name})", ""]
-    if metric in trials:
-        curves = {}
-        groups = trials.dropna(subset=["round"]).groupby(swept, sort=True) if swept else [(("all",), trials.dropna(subset=["round"]))]
-        for values, group in groups:
-            values = values if isinstance(values, tuple) else (values,)
-            label = ", ".join(f"{_label(p)}={v}" for p, v in zip(swept, values)) or "all"
-            mean = group.groupby("round")[metric].mean()
-            curves[label] = list(zip(mean.index.astype(int), mean.to_numpy()))
-        plot_series(out / "curves.png", curves, ylabel=metric, xlabel="round", title=f"{spec.name}: mean over seeds")
-        lines += ["## By round", "", "![metric by round](curves.png)", ""]
-    (out / "report.md").write_text("\n".join(lines))
-    return out / "report.md"
+    return lines
+
+
+def _curves(out: Path, trials: pd.DataFrame, swept: list[str], metric: str, name: str) -> list[str]:
+    """The metric by round, one curve per configuration (mean over seeds)."""
+    reported = trials.dropna(subset=["round"])
+    groups = reported.groupby(swept, sort=True) if swept else [(("all",), reported)]
+    curves = {}
+    for values, group in groups:
+        values = values if isinstance(values, tuple) else (values,)
+        label = ", ".join(f"{_label(p)}={v}" for p, v in zip(swept, values)) or "all"
+        mean = group.groupby("round")[metric].mean()
+        curves[label] = list(zip(mean.index.astype(int), mean.to_numpy()))
+    plot_series(out / "curves.png", curves, ylabel=metric, xlabel="round", title=f"{name}: mean over seeds")
+    return ["## By round", "", "![metric by round](curves.png)", ""]
 
 
 def report_run(run_dir: Path) -> Path:
