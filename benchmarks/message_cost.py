@@ -12,13 +12,22 @@ training. Components (median of several repeats, ms):
 - ``pickle``: ``pickle.dumps`` + ``loads`` of a ``Message`` carrying the record (what Ray does
   to a task argument and to its return value);
 - ``ray_roundtrip``: a trivial Ray actor method that receives the Message and returns it
-  (serialise, put in the object store, transfer, deserialise; both ways);
+  (serialise, put in the object store, transfer, deserialise; both ways), Ray's default pickling;
+- ``ray_roundtrip_oob``: the same with ``backend.use_out_of_band_arrays`` on both sides (each
+  ``Array``'s bytes as an out-of-band buffer: one copy into the object store, none out of it);
 - ``end_to_end``: through the real runtime, ``cxrfl_ray.fl.engine.simulate`` with our backend:
   a small ServerApp sends one train message per round to one node with the model's record, and
   an echo ClientApp (this module's ``echo_app``) loads the weights into a torch model and replies
   with its weights (no training). Per message = time of rounds 2..N / (N - 1); round 1 pays for
-  the actor's start-up. ``end_to_end (10 ms pull)`` repeats it with the grid's reply polling
-  interval cut from Flower's 0.1 s to 0.01 s, to show how much of a message is waiting on a poll.
+  the actor's start-up. Measured twice in one run: ``runtime="flower"`` (Flower's ``run_api`` and
+  ``InMemoryGrid``, which poll every 0.1 s for pushed messages and for replies) and
+  ``runtime="cxrfl"`` (ours: woken by a doorbell on push and on reply). Both use our backend.
+
+Before / after (``--quick``, 2 shared cores, BENCHMARKS.md 2026-11-30 20:28 / 20:36): per message
+end to end, tiny-conv 201 -> 11 ms, resnet18 345 -> 164 ms, resnet50 449 -> 349 ms (before:
+Flower's polls and in-band pickling of every message). What is left for ResNet50 is copying 94 MB
+of weights: the echo client's ``np.load`` and ``np.save`` (Flower's ArrayRecord format, inside the
+ClientApp) and Ray's object store both ways; see the reading in BENCHMARKS.md.
 
 Target: ResNet50 <= 100 ms per message, end to end.
 """
@@ -39,6 +48,7 @@ from flwr.clientapp import ClientApp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks._common import report, table  # noqa: E402
+from cxrfl_ray.fl.backend import use_out_of_band_arrays  # noqa: E402
 from cxrfl_ray.fl.client import load_global, trainable_state  # noqa: E402
 from cxrfl_ray.tasks.models import create_model  # noqa: E402
 
@@ -90,13 +100,15 @@ def train_message(record: ArrayRecord, name: str) -> Message:
     return Message(content=content, dst_node_id=1, message_type="train")
 
 
-def components(name: str, repeats: int, echo_actor) -> dict:
+def components(name: str, repeats: int, echo_actor, oob_echo_actor) -> dict:
     import ray
+    from flwr.app import Array
 
     state = trainable_state(build(name))
     record = ArrayRecord(state)
     msg = train_message(record, name)
-    return {
+    ray.util.deregister_serializer(Array)  # Ray's default pickling on this side (the engine sets it)
+    row = {
         "params_m": float(f"{sum(v.numel() for v in state.values()) / 1e6:.3g}"),
         "mb": round(record.count_bytes() / 1e6, 3),
         "to_record_ms": median_ms(lambda: ArrayRecord(state), repeats),
@@ -104,9 +116,12 @@ def components(name: str, repeats: int, echo_actor) -> dict:
         "pickle_ms": median_ms(lambda: pickle.loads(pickle.dumps(msg, protocol=pickle.HIGHEST_PROTOCOL)), repeats),
         "ray_roundtrip_ms": median_ms(lambda: ray.get(echo_actor.echo.remote(msg)), repeats),
     }
+    use_out_of_band_arrays()
+    row["ray_roundtrip_oob_ms"] = median_ms(lambda: ray.get(oob_echo_actor.echo.remote(msg)), repeats)
+    return row
 
 
-def end_to_end(name: str, rounds: int, pull_interval: float | None = None) -> float:
+def end_to_end(name: str, rounds: int, runtime: str) -> float:
     """Per-message ms through ``engine.simulate`` (rounds 2..N, one message per round)."""
     from flwr.serverapp import Grid, ServerApp
 
@@ -127,8 +142,6 @@ def end_to_end(name: str, rounds: int, pull_interval: float | None = None) -> fl
             raise
 
     def rounds_of(grid: Grid) -> None:
-        if pull_interval is not None:
-            grid.pull_interval = pull_interval
         while not (nodes := list(grid.get_node_ids())):  # nodes register after the ServerApp starts
             time.sleep(0.01)
         node = nodes[0]
@@ -141,7 +154,7 @@ def end_to_end(name: str, rounds: int, pull_interval: float | None = None) -> fl
                 raise RuntimeError(f"echo failed in round {rnd}: {replies and replies[0].error}")
             replies[0].content["arrays"].to_torch_state_dict()  # what a strategy does with a reply
 
-    simulate(server_app, importable_echo_app, num_nodes=1, client_resources={"num_cpus": 1})
+    simulate(server_app, importable_echo_app, num_nodes=1, client_resources={"num_cpus": 1}, runtime=runtime)
     if errors:
         raise RuntimeError(f"end-to-end run of {name} failed") from errors[0]
     if len(times) != rounds:
@@ -163,33 +176,39 @@ def main() -> None:
     if not ray.is_initialized():
         start_ray(num_cpus=2)
 
-    @ray.remote(num_cpus=1)
     class Echo:
+        def __init__(self, out_of_band: bool) -> None:
+            if out_of_band:
+                use_out_of_band_arrays()
+
         def echo(self, msg):
             return msg
 
-    echo_actor = Echo.remote()
-    ray.get(echo_actor.echo.remote(None))  # actor up before timing
+    echo_actors = [ray.remote(num_cpus=0.5)(Echo).remote(oob) for oob in (False, True)]
+    ray.get([a.echo.remote(None) for a in echo_actors])  # actors up before timing
 
     results = []
     for name in MODELS:
-        row = {"model": name, **components(name, repeats, echo_actor)}
-        row["end_to_end_ms"] = end_to_end(name, rounds)
-        row["end_to_end_pull10_ms"] = end_to_end(name, rounds, pull_interval=0.01)
+        row = {"model": name, **components(name, repeats, *echo_actors)}
+        row["end_to_end_flower_ms"] = end_to_end(name, rounds, "flower")
+        row["end_to_end_ms"] = end_to_end(name, rounds, "cxrfl")
         row = {k: round(v, 1) if isinstance(v, float) and k.endswith("_ms") else v for k, v in row.items()}
         results.append(row)
         print(row, flush=True)
-    ray.kill(echo_actor)
+    for actor in echo_actors:
+        ray.kill(actor)
 
     target = next(r for r in results if r["model"] == TARGET_MODEL)["end_to_end_ms"]
     met = target <= TARGET_MS
     verdict = f"target {TARGET_MODEL} <= {TARGET_MS:.0f} ms per message: {'met' if met else 'missed'} ({target} ms)"
     lines = [f"Medians of {repeats} repeats; end to end over rounds 2..{rounds}, one message per round to one "
-             "node (1 CPU actor), echo client loading the weights into torch.", "",
+             "node (1 CPU actor), echo client loading the weights into torch; Flower runtime = its run_api "
+             "and grid (0.1 s polls), ours = doorbells; both with our backend (out-of-band arrays).", "",
              *table({"model": "model", "params_m": "params (M)", "mb": "MB", "to_record_ms": "to_record ms",
                      "from_record_ms": "from_record ms", "pickle_ms": "pickle ms",
-                     "ray_roundtrip_ms": "Ray round trip ms", "end_to_end_ms": "end to end ms",
-                     "end_to_end_pull10_ms": "end to end ms (10 ms pull)"}, results),
+                     "ray_roundtrip_ms": "Ray round trip ms", "ray_roundtrip_oob_ms": "Ray round trip ms (out of band)",
+                     "end_to_end_flower_ms": "end to end ms (Flower runtime)",
+                     "end_to_end_ms": "end to end ms (ours)"}, results),
              "", verdict + "."]
     print(verdict, flush=True)
     report("message_cost" + (" --quick" if args.quick else ""),

@@ -14,19 +14,29 @@ class and message path but
   same resources (their torch and Flower imports are the bulk of a simulation's start-up) for
   ``KEEP_IDLE_S`` seconds: a kept actor holds its CPUs/GPUs, so anything else that needs them
   (a Tune trial's placement group) would otherwise wait for them forever.
+
+It also copies model weights less (the messages and records stay Flower's):
+
+- an ``Array``'s bytes travel through Ray as an out-of-band buffer (``use_out_of_band_arrays``):
+  Ray writes them once into its object store instead of into a pickle stream first, and the
+  receiver reads them without an extra copy;
+- the global weights of a round (one ``ArrayRecord`` object in every message of the round) are
+  put in Ray's object store once per round, not once per message (``SharedArrays``).
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import threading
 from collections.abc import Callable
 
+import numpy as np
 import ray
-from flwr.app import Context, Message
+from flwr.app import Array, ArrayRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.server.superlink.fleet.vce.backend import Backend
-from flwr.simulation.ray_transport.ray_actor import ClientAppActor
+from flwr.simulation.ray_transport.ray_actor import VirtualClientEngineActor
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 log = logging.getLogger("cxrfl.fl")
@@ -56,6 +66,79 @@ def cluster_slots(client: dict[str, float]) -> int:
     return slots_in_bundles([n["Resources"] for n in ray.nodes() if n.get("Alive") and n["Resources"]], client)
 
 
+def _array_parts(array: Array) -> tuple:
+    """An ``Array`` for Ray, its bytes as a numpy buffer (pickled out of band, not copied inline)."""
+    return array.dtype, array.shape, array.stype, np.frombuffer(array.data, dtype=np.uint8)
+
+
+def _array_from_parts(parts: tuple) -> Array:
+    dtype, shape, stype, data = parts
+    return Array(dtype=dtype, shape=tuple(shape), stype=stype, data=data.tobytes())
+
+
+def use_out_of_band_arrays() -> None:
+    """Send ``Array`` bytes through Ray out of band from this process (Ray applies a custom
+    serializer in the process that pickles; the reader needs only this module importable)."""
+    ray.util.register_serializer(Array, serializer=_array_parts, deserializer=_array_from_parts)
+
+
+class ClientActor(VirtualClientEngineActor):
+    """Flower's client actor (``run`` a message through the ClientApp), plus ``run_shared`` for
+    messages whose ArrayRecords come as object-store references, and out-of-band replies."""
+
+    def __init__(self) -> None:
+        use_out_of_band_arrays()
+
+    def run_shared(self, app_fn, message: Message, cid: str, context: Context, order: list[str],
+                   names: list[str], *records: ArrayRecord):
+        """``run`` the message with the ArrayRecords ``names`` (resolved by Ray) put back in place."""
+        shared = dict(zip(names, records))
+        content = message.content
+        message.content = RecordDict({k: shared[k] if k in shared else content[k] for k in order})
+        return self.run(app_fn, message, cid, context)
+
+
+RemoteClientActor = ray.remote(ClientActor)
+
+
+class SharedArrays:
+    """The latest ArrayRecord put in Ray's object store, reused while the same record object with
+    the same arrays comes again (the strategy sends one record to every client of a round)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._held: tuple | None = None  # (record, its (name, bytes) pairs, object ref)
+
+    def ref(self, record: ArrayRecord):
+        items = [(name, array.data) for name, array in record.items()]
+        with self._lock:
+            if self._held is not None and self._held[0] is record and _same(self._held[1], items):
+                return self._held[2]
+            ref = ray.put(record)
+            self._held = (record, items, ref)  # the old reference goes: Ray frees it when unused
+            return ref
+
+    def clear(self) -> None:
+        with self._lock:
+            self._held = None
+
+
+def _same(old: list[tuple], new: list[tuple]) -> bool:
+    """The same names holding the very same bytes objects (bytes never change in place)."""
+    return len(old) == len(new) and all(a[0] == b[0] and a[1] is b[1] for a, b in zip(old, new))
+
+
+def split_arrays(message: Message, shared: SharedArrays) -> tuple[Message, list[str], list[str], list]:
+    """The message without its ArrayRecords (a shallow copy), the record order, the ArrayRecords'
+    names and their object references, for ``ClientActor.run_shared``."""
+    content = message.content
+    order = list(content.keys())
+    names = [k for k in order if isinstance(content[k], ArrayRecord)]
+    light = copy.copy(message)  # the link state's message is left as it is
+    light.content = RecordDict({k: content[k] for k in order if k not in names})
+    return light, order, names, [shared.ref(content[k]) for k in names]
+
+
 class PooledRayBackend(Backend):
     """Flower backend: a pool of ``ClientAppActor`` sized to the caller's share of Ray."""
 
@@ -80,12 +163,14 @@ class PooledRayBackend(Backend):
                      tuple(sorted(self.client_resources.items())))
         self.idle: list = []
         self.app_fn: Callable[[], ClientApp] | None = None
+        self.shared = SharedArrays()
+        use_out_of_band_arrays()
 
     def _new_actor(self):
         options = dict(self.client_resources)
         if self.group is not None:
             options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(self.group)
-        return ClientAppActor.options(**options).remote()
+        return RemoteClientActor.options(**options).remote()
 
     def build(self, app_fn: Callable[[], ClientApp]) -> None:
         with _LOCK:
@@ -106,8 +191,10 @@ class PooledRayBackend(Backend):
     def process_message(self, message: Message, context: Context) -> tuple[Message, Context]:
         if self.app_fn is None:
             raise RuntimeError("build() the backend before sending it messages")
+        light, order, names, refs = split_arrays(message, self.shared)
+        cid = str(context.node_config.get("partition-id", 0))
         actor = self.idle.pop()
-        future = actor.run.remote(self.app_fn, message, str(context.node_config.get("partition-id", 0)), context)
+        future = actor.run_shared.remote(self.app_fn, light, cid, context, order, names, *refs)
         try:
             _, reply, updated = ray.get(future)
         except ray.exceptions.RayActorError:
@@ -121,6 +208,7 @@ class PooledRayBackend(Backend):
     def terminate(self) -> None:
         """Keep the idle actors for the next simulation, for a while; Ray stays up."""
         actors, self.idle, token = self.idle, [], object()
+        self.shared.clear()
         with _LOCK:
             _IDLE.setdefault(self._key, []).extend((actor, token) for actor in actors)
         timer = threading.Timer(KEEP_IDLE_S, _release, args=(self._key, token))

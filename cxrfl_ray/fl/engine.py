@@ -8,16 +8,23 @@ in flwr 1.42) hard-codes ``RayBackend``, which shuts Ray down at the end and siz
 the whole cluster; composing the runtime here keeps Ray up for the caller (a test session, a Ray
 Tune trial, the next preset) and is the one place to change when Flower's API moves.
 
+Flower's runtime also waits on fixed polls: its extractor looks for pushed messages every 0.1 s
+and its in-memory grid sleeps 0.1 s between looks for replies, so every message waited about
+0.1-0.2 s for nothing. ``simulate`` keeps Flower's link state, workers and reply injector but wakes
+on a ``Doorbell`` instead: the grid rings when it pushes, the injector rings when it stores a reply.
+
 Ray: an already running Ray (``ray.init`` by the caller, or a Tune trial's worker) is used as it
 is; otherwise Ray starts here with ``fl.ray_init`` and stays up until the process exits.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import sys
 import threading
+import time
 from pathlib import Path
 from queue import Queue
 from typing import Callable
@@ -76,11 +83,117 @@ def ensure_ray(cfg: ExperimentConfig) -> None:
         start_ray(**cfg.fl.ray_init)
 
 
-def simulate(server_app, client_app, *, num_nodes: int, client_resources: dict[str, float]) -> None:
+class Doorbell:
+    """A counter behind a condition, so a thread sleeps until another one has news for it
+    instead of polling (Flower's runtime polls every 0.1 s, twice per message)."""
+
+    def __init__(self) -> None:
+        self._changed = threading.Condition()
+        self.rings = 0
+
+    def ring(self) -> None:
+        with self._changed:
+            self.rings += 1
+            self._changed.notify_all()
+
+    def wait(self, seen: int, timeout: float) -> None:
+        """Return once rung after ``seen`` (``rings`` read before looking), or after ``timeout``."""
+        with self._changed:
+            self._changed.wait_for(lambda: self.rings != seen, timeout)
+
+
+@functools.cache
+def _event_grid_class():
+    """Flower's ``InMemoryGrid`` that rings on push and waits for replies on a doorbell (Flower's
+    sleeps ``pull_interval``, 0.1 s, between pulls). Built on first use: flwr loads lazily here."""
+    from flwr.superlink.grid import InMemoryGrid
+
+    class EventGrid(InMemoryGrid):
+        def __init__(self, state_factory, pushed: Doorbell, replied: Doorbell) -> None:
+            super().__init__(state_factory)
+            self.pushed, self.replied = pushed, replied
+
+        def push_messages(self, messages):
+            ids = super().push_messages(messages)
+            self.pushed.ring()
+            return ids
+
+        def send_and_receive(self, messages, *, timeout: float | None = None):
+            """Flower's loop (push, pull until all replies are in or ``timeout``) with the wait on
+            the doorbell; ``pull_interval`` stays the longest wait, so replies the link state makes
+            itself (expired messages) are still found."""
+            pending = set(self.push_messages(messages))
+            end = time.time() + (timeout if timeout is not None else 0.0)
+            replies = []
+            while timeout is None or time.time() < end:
+                seen = self.replied.rings
+                found = list(self.pull_messages(pending))
+                replies.extend(found)
+                pending.difference_update(m.metadata.reply_to_message_id for m in found)
+                if not pending:
+                    break
+                left = self.pull_interval if timeout is None else max(0.0, end - time.time())
+                self.replied.wait(seen, min(self.pull_interval, left))
+            return replies
+
+    return EventGrid
+
+
+class _RingingState:
+    """The link state as Flower's reply injector sees it: storing a reply rings the grid."""
+
+    def __init__(self, state, replied: Doorbell) -> None:
+        self._state, self._replied = state, replied
+
+    def store_message_res(self, message):
+        try:
+            return self._state.store_message_res(message)
+        finally:
+            self._replied.ring()
+
+
+def _deliver(state, nodes, inbox: Queue, pushed: Doorbell, stop: threading.Event) -> None:
+    """Hand pushed messages to the workers as soon as the grid rings (Flower's
+    ``add_messages_to_queue`` looks every 0.1 s); the 1 s wait only bounds noticing ``stop``."""
+    while not stop.is_set():
+        seen = pushed.rings
+        for node_id in nodes:
+            for message in state.get_message_ins(node_id=node_id, limit=None):
+                inbox.put(message)
+        pushed.wait(seen, 1.0)
+
+
+def _run_clients(client_app, backend, nodes, state, contexts, pushed: Doorbell, replied: Doorbell,
+                 stop: threading.Event) -> None:
+    """Flower's ``run_api`` with ``_deliver`` for its polling extractor: Flower's ``worker``s run
+    messages on the backend, Flower's injector stores the replies (and rings the grid)."""
+    from flwr.server.superlink.fleet.vce.metrics import VceMetrics
+    from flwr.server.superlink.fleet.vce.vce_api import put_message_into_state, worker
+
+    inbox, outbox, metrics = Queue(), Queue(), VceMetrics()
+    backend.build(lambda: client_app)
+    try:
+        threads = [threading.Thread(target=_deliver, args=(state, nodes, inbox, pushed, stop)),
+                   threading.Thread(target=put_message_into_state, args=(_RingingState(state, replied), outbox, stop))]
+        threads += [threading.Thread(target=worker, args=(inbox, outbox, contexts, backend, stop, metrics))
+                    for _ in range(backend.num_workers)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        stop.set()
+        backend.terminate()
+
+
+def simulate(server_app, client_app, *, num_nodes: int, client_resources: dict[str, float],
+             runtime: str = "cxrfl") -> None:
     """Run a ServerApp against ``num_nodes`` virtual SuperNodes whose ClientApp runs on Ray actors.
 
     This is what Flower's ``run_simulation`` does (``_main_loop`` and ``start_vce``), with our
-    backend. The ServerApp's exceptions are left to it (ours records them in its ``Outcome``).
+    backend, and (``runtime="cxrfl"``) without its polls; ``runtime="flower"`` runs Flower's own
+    ``run_api`` and grid, for comparison. The ServerApp's exceptions are left to it (ours records
+    them in its ``Outcome``).
     """
     import secrets
 
@@ -109,7 +222,10 @@ def simulate(server_app, client_app, *, num_nodes: int, client_resources: dict[s
     state = state_factory.state()
     state.run_ids[run.run_id] = RunRecord(run=run)
     state.task_store[run.primary_task_id] = Task(task_id=run.primary_task_id, run_id=run.run_id)
-    grid = InMemoryGrid(state_factory=state_factory)
+    if runtime not in ("cxrfl", "flower"):
+        raise ValueError(f"unknown runtime {runtime!r}: 'cxrfl' or 'flower'")
+    pushed, replied = Doorbell(), Doorbell()
+    grid = _event_grid_class()(state_factory, pushed, replied) if runtime == "cxrfl" else InMemoryGrid(state_factory)
     grid.set_run(run)
 
     backend = PooledRayBackend(client_resources, max_actors=num_nodes)  # fails here if no client fits
@@ -118,9 +234,12 @@ def simulate(server_app, client_app, *, num_nodes: int, client_resources: dict[s
                              run_config=UserConfig())
     server = run_serverapp_th(None, server_app, server_context, grid, "", stop, Queue(), False, Queue())
     nodes = _register_nodes(num_nodes=num_nodes, state_factory=state_factory)
+    contexts = _register_node_info_stores(nodes, run)
     try:
-        run_api(lambda: client_app, lambda: backend, nodes,
-                state_factory, _register_node_info_stores(nodes, run), stop, VceMetrics())
+        if runtime == "cxrfl":
+            _run_clients(client_app, backend, list(nodes), state, contexts, pushed, replied, stop)
+        else:
+            run_api(lambda: client_app, lambda: backend, nodes, state_factory, contexts, stop, VceMetrics())
     finally:
         stop.set()
         server.join()

@@ -22,6 +22,10 @@ def test_pool_is_sized_from_the_placement_group_it_runs_in(ray_session):
     from ray.util.placement_group import placement_group, remove_placement_group
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+    from cxrfl_ray.fl.backend import release_idle_actors
+
+    release_idle_actors()  # actors kept by an earlier simulation would hold the CPUs the group needs
+
     # The cluster has 2 CPUs; outside a group the pool is capped by the cluster and the cohort.
     assert PooledRayBackend({"num_cpus": 1}, max_actors=8).size == 2
     assert PooledRayBackend({"num_cpus": 1}, max_actors=1).size == 1
@@ -72,3 +76,22 @@ def test_idle_actors_are_reused_then_released(ray_session, monkeypatch):
         with pytest.raises(ray.exceptions.RayActorError):
             ray.get(actor.__ray_ready__.remote(), timeout=30)
     assert ray.available_resources().get("CPU", 0) == 2
+
+
+def test_round_weights_are_put_once_and_arrays_travel_out_of_band_unchanged(ray_session):
+    import torch
+    from flwr.app import Array, ArrayRecord
+
+    from cxrfl_ray.fl.backend import SharedArrays, use_out_of_band_arrays
+
+    ray = ray_session
+    use_out_of_band_arrays()
+    record = ArrayRecord({"w": torch.arange(12.0).reshape(3, 4), "b": torch.ones(5, dtype=torch.int64)})
+    shared = SharedArrays()
+    first = shared.ref(record)
+    assert shared.ref(record) is first  # every message of a round: one put
+    copy = ray.get(first)
+    assert list(copy) == ["w", "b"] and all(copy[k].data == record[k].data for k in record)
+    assert torch.equal(copy.to_torch_state_dict()["w"], torch.arange(12.0).reshape(3, 4))
+    record["b"] = Array(torch.zeros(5, dtype=torch.int64))  # changed in place: put again
+    assert shared.ref(record) is not first
