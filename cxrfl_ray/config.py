@@ -32,6 +32,10 @@ class DataConfig(Section):
     test_split: str = "test"
     holdout_sites: list[str] = Field(default_factory=list, description="sites that never train")
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes")
+    cache_mb: int = Field(
+        1024, ge=0, description="decoded, resized pixels kept per process (each Ray actor, the driver) "
+        "so later epochs and rounds skip PNG decoding; MiB, 0 = decode every epoch"
+    )
 
 
 class PartitionConfig(Section):

@@ -54,7 +54,7 @@ class Prepared:
         d = self.cfg.data
         return ClientImages(self.dataset, rows, task=self.task.name, size=d.size,
                             augment=d.augment and train, seed=self.cfg.seed + seed_offset,
-                            channels=d.channels, imagenet_norm=d.imagenet_norm)
+                            channels=d.channels, imagenet_norm=d.imagenet_norm, cache_mb=d.cache_mb)
 
     def loader(self, rows: np.ndarray, train: bool, seed_offset: int = 0) -> DataLoader:
         t = self.cfg.train

@@ -4,10 +4,15 @@ Only the client's rows are read (the row groups that hold them), and lazily, so 
 cheap to pickle into a Ray actor or a DataLoader worker. Augmentation parameters come from a
 generator seeded by (seed, epoch, row id): the same config gives the same batches whatever the
 worker count or order.
+
+Decoding and resizing are deterministic, so their result is kept (``cache_mb``) in a per-process
+``PixelCache`` and later epochs, rounds and sweep trials skip them; augmentation, which varies
+per epoch, is applied afresh to the kept pixels, so items are bit-identical with the cache on or off.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Sequence
@@ -45,6 +50,42 @@ AUGMENTS: dict[str, Augment] = {
 }
 
 
+class PixelCache:
+    """Rows decoded and resized to the training size, shared by every ClientImages of a process
+    (a Ray actor plays many clients, and a pooled actor serves many sweep trials) so one budget
+    bounds them all. Filled first come, never evicted: an epoch reads every row once, and
+    evicting the oldest would miss every time once a pass outgrows the budget. One dataset, size
+    and task at a time; a different one replaces the content. Images are kept as the float
+    tensors decoding makes, not uint8: resizing lands between 8-bit levels (and 16-bit sources
+    have more), so only floats keep items exact."""
+
+    def __init__(self) -> None:
+        self.clear()
+
+    def clear(self) -> None:
+        self.key: tuple | None = None
+        self.entries: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        self.nbytes = 0
+
+    def get(self, key: tuple, row: int) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        return self.entries.get(row) if key == self.key else None
+
+    def put(self, key: tuple, row: int, entry: tuple[torch.Tensor, torch.Tensor | None], budget: int) -> bool:
+        """Keep ``entry`` if it fits in ``budget`` bytes; True if kept."""
+        if key != self.key:
+            self.clear()
+            self.key = key
+        size = sum(t.nbytes for t in entry if t is not None)
+        if self.nbytes + size > budget:
+            return False
+        self.entries[row] = entry
+        self.nbytes += size
+        return True
+
+
+PIXELS = PixelCache()
+
+
 class ClientImages(Dataset):
     """Images (and labels or masks) of ``row_ids`` of a stored dataset.
 
@@ -58,6 +99,8 @@ class ClientImages(Dataset):
     seed : seed for augmentation; call ``set_epoch`` to vary it per epoch.
     channels : 1, or 3 (grey repeated, as ImageNet-pretrained models expect).
     imagenet_norm : normalise with ImageNet mean/std (else pixels stay in [0, 1]).
+    cache_mb : keep decoded, resized pixels in this process's ``PIXELS`` up to this many MiB
+        (all ClientImages of the process together); 0 decodes every time.
     """
 
     def __init__(
@@ -71,6 +114,7 @@ class ClientImages(Dataset):
         seed: int = 0,
         channels: int = 1,
         imagenet_norm: bool = False,
+        cache_mb: float = 0,
     ) -> None:
         if task not in AUGMENTS:
             raise ValueError(f"task must be one of {sorted(AUGMENTS)}, got {task!r}")
@@ -85,7 +129,9 @@ class ClientImages(Dataset):
         self.epoch = 0
         self.channels = channels
         self.imagenet_norm = imagenet_norm
+        self.cache_mb = cache_mb
         self._rows = None
+        self._cache_key: tuple | None = None
 
     def __len__(self) -> int:
         return int(self.row_ids.size)
@@ -95,14 +141,15 @@ class ClientImages(Dataset):
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
-        state["_rows"] = None  # re-read lazily where the dataset lands
+        state["_rows"] = state["_cache_key"] = None  # re-read lazily where the dataset lands
         return state
 
     @property
     def rows(self):
         if self._rows is None:
             columns = ["id", "image", "label"] + (["mask"] if self.task == "segmentation" else [])
-            rows = open_dataset(self.path).take(self.row_ids, columns)
+            ds = open_dataset(self.path)
+            rows = ds.take(self.row_ids, columns)
             if self.task == "segmentation":
                 missing = rows.column("mask").null_count
                 if missing:
@@ -111,11 +158,22 @@ class ClientImages(Dataset):
                         f"{self.path}: {missing} of {rows.num_rows} rows have no lung mask "
                         f"(first: {first}); segmentation needs masks"
                     )
+            # The card (creation time, counts) tells a rewritten folder from the one cached.
+            card = hash(json.dumps(ds.card, sort_keys=True))
+            self._cache_key = (str(self.path), card, self.size, self.task)
             self._rows = rows
         return self._rows
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _pixels(self, index: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The row decoded and resized (float image, uint8 mask): from the cache, or decoded
+        and kept there if the budget allows. A kept image is handed out as a copy (a mask always
+        leaves as a new float tensor), so a caller writing into it cannot change later epochs."""
         rows = self.rows
+        row = int(self.row_ids[index])
+        if self.cache_mb:
+            kept = PIXELS.get(self._cache_key, row)
+            if kept is not None:
+                return kept[0].clone(), kept[1]
         image = _to_tensor(decode_png(rows.column("image")[index].as_py()))
         image = F.resize(image, [self.size, self.size], antialias=True)
         mask = None
@@ -123,6 +181,13 @@ class ClientImages(Dataset):
             raw = decode_png(rows.column("mask")[index].as_py())
             mask = torch.from_numpy(raw > 127).unsqueeze(0).to(torch.uint8)
             mask = F.resize(mask, [self.size, self.size], interpolation=F.InterpolationMode.NEAREST)
+        if self.cache_mb and PIXELS.put(self._cache_key, row, (image, mask), int(self.cache_mb * 2**20)):
+            return image.clone(), mask
+        return image, mask
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        image, mask = self._pixels(index)
+        rows = self.rows
         if self.augment is not None:
             rng = np.random.default_rng([self.seed, self.epoch, int(self.row_ids[index])])
             image, mask = _apply(self.augment, rng, image, mask)

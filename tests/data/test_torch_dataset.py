@@ -10,7 +10,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from cxrfl_ray.data.imageio import encode_png
-from cxrfl_ray.data.torch_dataset import ClientImages
+from cxrfl_ray.data.torch_dataset import PIXELS, ClientImages
 from cxrfl_ray.data.writer import DatasetWriter
 from tests.conftest import make_rows
 
@@ -77,3 +77,25 @@ def test_segmentation_without_masks_names_the_row(tmp_path):
             w.add(r)
     with pytest.raises(ValueError, match=r"3 of 3 rows have no lung mask \(first: t:00000\)"):
         ClientImages(tmp_path / "d", range(3), task="segmentation")[0]
+
+
+@pytest.mark.parametrize("task, augment", [("segmentation", True), ("classification", True),
+                                           ("classification", False)])
+@pytest.mark.parametrize("cache_mb", [64, 1])
+def test_pixel_cache_gives_the_same_items_as_decoding(phantoms, task, augment, cache_mb):
+    # 30 phantoms at 128 px: 80 KiB per kept row, so 1 MiB keeps only some of them.
+    data = phantoms(n=30, size=160)
+    kwargs = dict(task=task, size=128, augment=augment, seed=3)
+    plain = ClientImages(data, range(30), **kwargs)
+    cached = ClientImages(data, range(30), cache_mb=cache_mb, **kwargs)
+    for epoch in range(2):
+        plain.set_epoch(epoch)
+        cached.set_epoch(epoch)
+        for i in range(30):
+            (a, y), (b, z) = plain[i], cached[i]
+            assert torch.equal(a, b) and torch.equal(y, z) and y.dtype == z.dtype
+            b.mul_(0)  # a caller writing into an item must not change the next epoch
+            z.mul_(0)
+    assert PIXELS.nbytes <= cache_mb * 2**20
+    assert len(PIXELS.entries) == (30 if cache_mb == 64 else 1 * 2**20 // (128 * 128 * (4 + (task == "segmentation"))))
+    assert len(pickle.dumps(cached)) < 5000  # the kept pixels stay in the process
