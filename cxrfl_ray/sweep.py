@@ -64,7 +64,11 @@ class SweepSpec(_Spec):
     max_retries: int = Field(1, ge=0, description="times a failed trial is retried before it is reported as failed")
     driver_cpus: float = Field(1.0, gt=0, description="CPUs of a trial's driver (server evaluation)")
     driver_gpus: float = Field(0.0, ge=0)
-    client_slots: int | None = Field(None, ge=1, description="client actors per trial (default: its clients per round)")
+    client_slots: int | None = Field(None, ge=1, description="client actors per trial (default: its clients per round); "
+                                                             "one value for all trials lets every trial reuse workers")
+    reuse_workers: bool = Field(True, description="a trial starts in a finished trial's Tune worker, with its client "
+                                                  "actors, when both have the same bundles (Tune's reuse_actors): "
+                                                  "their start-up is paid once, not per trial")
     out_dir: str = "runs/sweeps"
     ray_init: dict[str, Any] = Field(default_factory=dict, description="ray.init arguments when Ray starts here")
     threshold: float | None = Field(None, description="report: rounds to reach this metric value")
@@ -344,7 +348,9 @@ def run_sweep(spec_path: str | Path, *, out: str | Path | None = None, resume: b
         raise ConfigError(f"sweep folder {sweep_dir} exists; continue it with --resume, or pick another --out")
     sweep_dir.mkdir(parents=True, exist_ok=True)
     if resume and (sweep_dir / SPEC_FILE).is_file():
-        saved = yaml.safe_load((sweep_dir / SPEC_FILE).read_text())
+        # Fields added since the sweep started count as their defaults (so it still resumes).
+        saved = {**SweepSpec.model_construct(name=spec.name).model_dump(mode="json"),
+                 **yaml.safe_load((sweep_dir / SPEC_FILE).read_text())}
         if saved != spec.model_dump(mode="json"):
             changed = sorted(k for k in set(saved) | set(spec.model_dump(mode="json"))
                              if saved.get(k) != spec.model_dump(mode="json").get(k))
@@ -425,7 +431,7 @@ def _tune_config(spec: SweepSpec, metric: str, mode: str, rounds: int):
     # BasicVariantGenerator limits concurrency itself; Tune's max_concurrent_trials is for Searchers.
     limit = {"max_concurrent_trials": spec.max_concurrent} if spec.search == "optuna" else {}
     return tune.TuneConfig(metric=metric, mode=mode, scheduler=scheduler, search_alg=search,
-                           num_samples=spec.num_samples, **limit)
+                           num_samples=spec.num_samples, reuse_actors=spec.reuse_workers, **limit)
 
 
 def write_trials_table(sweep_dir: Path, results=None) -> Path:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support, roc_auc_score
 from torch import nn
 
 MAIN_METRIC, MODE = "accuracy", "max"
@@ -40,6 +39,10 @@ def collect(model: nn.Module, loader, device: torch.device, loss_fn: nn.Module |
 
 def metrics_from_proba(probs: np.ndarray, targets: np.ndarray) -> dict[str, float]:
     """Flat metric dict: accuracy, macro F1, per-class precision/recall, AUROC, confusion cells."""
+    # Imported here: scikit-learn costs seconds of start-up in every Ray worker and client actor,
+    # and only the metrics need it.
+    from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support, roc_auc_score
+
     k = probs.shape[1]
     labels = list(range(k))
     pred = probs.argmax(axis=1)
