@@ -18,7 +18,7 @@ import os
 import shutil
 import sys
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Iterator, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -143,14 +143,15 @@ def _corners(kind: str, values: Any) -> list[Any]:
     return list(values) if kind in ("grid", "choice") else [values[0], values[1] - (kind == "randint")]
 
 
-def validate(spec: SweepSpec) -> list[ExperimentConfig]:
-    """Every combination of the listed values and range ends must be a valid, runnable config
-    (data present, fits the task, enough patients); raises ConfigError naming the trial."""
+def corner_trials(spec: SweepSpec) -> Iterator[tuple[dict[str, Any], ExperimentConfig, Any]]:
+    """Every combination of the listed values and range ends, as (params, config, prepared data);
+    data is prepared once per distinct (task, data, partition, seed). Raises ConfigError naming
+    the first trial that cannot run."""
     from cxrfl_ray.experiment import prepare
 
     keys = list(spec.space)
     choices = [_corners(*next(iter(spec.space[k].items()))) for k in keys]
-    configs, prepared = [], set()
+    prepared: dict[str, Any] = {}
     for combo in itertools.product(*choices):
         params = dict(zip(keys, combo))
         label = ", ".join(f"{k}={v!r}" for k, v in params.items()) or "(base)"
@@ -158,11 +159,16 @@ def validate(spec: SweepSpec) -> list[ExperimentConfig]:
         key = json.dumps([cfg.task, cfg.data.model_dump(mode="json"), cfg.partition.model_dump(mode="json"), cfg.seed])
         if key not in prepared:
             try:
-                prepare(cfg)
+                prepared[key] = prepare(cfg)
             except ConfigError as exc:
                 raise ConfigError(f"sweep {spec.name} trial {label}: {exc}") from None
-            prepared.add(key)
-        configs.append(cfg)
+        yield params, cfg, prepared[key]
+
+
+def validate(spec: SweepSpec) -> list[ExperimentConfig]:
+    """Every combination of the listed values and range ends must be a valid, runnable config
+    (data present, fits the task, enough patients); raises ConfigError naming the trial."""
+    configs = [cfg for _, cfg, _ in corner_trials(spec)]
     first = configs[0]
     metric = spec.metric or default_metric(first)
     if metric.count("/") != 2:
@@ -185,21 +191,11 @@ def estimate_cost(spec: SweepSpec, throughput: float | None = None) -> list[dict
     on its GPU share, e.g. from ``benchmarks/train_step.py --device cuda``), also hours and
     GPU-hours: clients of a round train in parallel, evaluation is counted at 3x training speed.
     """
-    from cxrfl_ray.experiment import prepare
-
-    keys = list(spec.space)
-    choices = [_corners(*next(iter(spec.space[k].items()))) for k in keys]
     random_dims = any(kind not in ("grid",) for dim in spec.space.values() for kind in dim)
-    rows, cache = [], {}
-    for combo in itertools.product(*choices):
-        params = dict(zip(keys, combo))
-        cfg = trial_config(spec, params)
-        key = json.dumps([cfg.data.model_dump(mode="json"), cfg.partition.model_dump(mode="json"), cfg.seed, cfg.task])
-        if key not in cache:
-            prep = prepare(cfg)
-            cache[key] = (float(np.mean([c.size for c in prep.plan.clients])),
-                          int(np.unique(np.concatenate(list(prep.views.values()))).size))
-        client_rows, eval_rows = cache[key]
+    rows = []
+    for params, cfg, prep in corner_trials(spec):
+        client_rows = float(np.mean([c.size for c in prep.plan.clients]))
+        eval_rows = int(np.unique(np.concatenate(list(prep.views.values()))).size)
         cohort = cfg.clients_per_round
         slots = spec.client_slots or cohort
         per_client = cfg.train.epochs * (cfg.train.steps * cfg.train.batch_size if cfg.train.steps else client_rows)

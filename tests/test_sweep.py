@@ -16,7 +16,7 @@ import yaml
 
 from cxrfl_ray.config import ConfigError
 from cxrfl_ray.report import NOT_REACHED, report, rounds_to_reach
-from cxrfl_ray.sweep import load_spec, run_sweep, validate
+from cxrfl_ray.sweep import estimate_cost, load_spec, run_sweep, validate
 from tests.conftest import kill_process_tree
 
 SMOKE = Path(__file__).resolve().parents[1] / "tune_configs" / "smoke.yaml"
@@ -62,6 +62,25 @@ def test_bad_specs_are_refused_before_ray_starts(tmp_path, phantoms, change, mes
     path.write_text(yaml.safe_dump(data))
     with pytest.raises(ConfigError, match=message):
         validate(load_spec(path))
+
+
+def test_dry_run_cost_counts_each_grid_point_from_the_spec(tmp_path, phantoms):
+    data = yaml.safe_load(SMOKE.read_text())
+    data["base"]["data"]["path"] = str(phantoms(n=120, size=48))
+    data.update(seeds=3, client_slots=None)
+    path = tmp_path / "cost.yaml"
+    path.write_text(yaml.safe_dump(data))
+    rows = estimate_cost(load_spec(path), throughput=100.0)
+    assert sorted((r["train.epochs"], r["fl.clients_per_round"]) for r in rows) == [(1, 1), (1, 2), (2, 1), (2, 2)]
+    for r in rows:  # smoke base: 3 rounds, 2 steps of batch 8, 0.5 CPU per client, 0.5 for the driver
+        cohort, epochs = r["fl.clients_per_round"], r["train.epochs"]
+        assert r["trials"] == 3 and r["gpus_per_trial"] == 0
+        assert r["cpus_per_trial"] == 0.5 + 0.5 * cohort
+        assert r["train_images"] == 3 * cohort * epochs * 2 * 8
+        eval_images = r["eval_images"]
+        assert eval_images % 4 == 0 and 0 < eval_images / 4 < 120  # rounds 0..3 over the central/site rows
+        seconds = r["train_images"] / cohort / 100.0 + eval_images / 300.0
+        assert r["hours_per_trial"] == round(seconds / 3600, 3)
 
 
 def test_rounds_to_reach_is_the_first_round_at_the_threshold():
