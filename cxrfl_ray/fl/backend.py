@@ -3,8 +3,8 @@
 Flower's ``RayBackend`` sizes its actor pool from the whole cluster and calls ``ray.shutdown()``
 when a simulation ends. Inside a Ray Tune trial both are wrong: the trial owns only its placement
 group's bundles (a pool sized from the cluster waits forever for actors that cannot be placed),
-and shutting Ray down kills the trial's own worker. ``PooledRayBackend`` keeps Flower's actor
-class and message path but
+and shutting Ray down kills the trial's own worker. ``PooledRayBackend`` keeps Flower's
+message path (and its actor, extended) but
 
 - sizes the pool from the placement group the caller runs in (the trial's bundles), else from the
   cluster, and never beyond the number of clients trained per round;
@@ -140,7 +140,7 @@ def split_arrays(message: Message, shared: SharedArrays) -> tuple[Message, list[
 
 
 class PooledRayBackend(Backend):
-    """Flower backend: a pool of ``ClientAppActor`` sized to the caller's share of Ray."""
+    """Flower backend: a pool of ``ClientActor``s sized to the caller's share of Ray."""
 
     def __init__(self, client_resources: dict[str, float], max_actors: int) -> None:
         super().__init__({})

@@ -81,6 +81,7 @@ def test_smoke_sweep_submitted_to_a_two_node_cluster(two_node_cluster, tmp_path,
     from ray.util.state import list_actors, list_nodes
 
     from cxrfl_ray.cli import main as cxrfl
+    from cxrfl_ray.fl.backend import ClientActor
 
     address, env = two_node_cluster
     monkeypatch.setenv("PATH", env["PATH"])
@@ -102,5 +103,5 @@ def test_smoke_sweep_submitted_to_a_two_node_cluster(two_node_cluster, tmp_path,
     assert sorted(trials["round"].dropna().unique().tolist()) == [0, 1, 2]
     assert (fetched / "report" / "report.md").is_file() and not list(fetched.rglob("*.safetensors"))
     # Trials that need 1.5 CPUs cannot fit one 1-CPU node: their client actors spread over both.
-    actors = list_actors(address=address, filters=[("class_name", "=", "ClientAppActor")], detail=True, limit=1000)
+    actors = list_actors(address=address, filters=[("class_name", "=", ClientActor.__name__)], detail=True, limit=1000)
     assert len({a.node_id for a in actors}) == 2
