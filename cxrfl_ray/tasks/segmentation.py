@@ -4,10 +4,17 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from segmentation_models_pytorch.losses import DiceLoss
 from torch import nn
 
 MAIN_METRIC, MODE = "jaccard", "max"
+
+
+def dice_loss() -> nn.Module:
+    """smp's soft Dice on logits; imported here, as smp (with timm) costs seconds of start-up in
+    every process that imports the tasks, classification clients included."""
+    from segmentation_models_pytorch.losses import DiceLoss
+
+    return DiceLoss(mode="binary", from_logits=True)
 
 
 class DiceBCELoss(nn.Module):
@@ -15,7 +22,7 @@ class DiceBCELoss(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        self.dice = DiceLoss(mode="binary", from_logits=True)
+        self.dice = dice_loss()
         self.bce = nn.BCEWithLogitsLoss()
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -24,7 +31,7 @@ class DiceBCELoss(nn.Module):
 
 LOSSES = {
     "dice_bce": DiceBCELoss,
-    "dice": lambda: DiceLoss(mode="binary", from_logits=True),
+    "dice": dice_loss,
     "bce": nn.BCEWithLogitsLoss,
 }
 
