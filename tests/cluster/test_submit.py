@@ -9,6 +9,7 @@ import re
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -73,6 +74,11 @@ def two_node_cluster():
             except ProcessLookupError:
                 pass
         time.sleep(0.5)
+        # `ray stop` would remove the pointer to the cluster; left behind, a plain ray.init()
+        # (Flower's RayBackend) would try to join the dead cluster.
+        pointer = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"
+        if pointer.is_file() and pointer.read_text().strip().endswith(f":{port}"):
+            pointer.unlink()
         assert not cluster_processes(port), "Ray processes of the test cluster survived"
 
 
