@@ -9,6 +9,9 @@ training. Components (median of several repeats, ms):
 - ``to_record``: ``ArrayRecord(state_dict)`` from a torch state dict (``trainable_state``):
   Flower serialises every tensor with ``np.save`` into ``bytes``;
 - ``from_record``: ``record.to_torch_state_dict()`` (``np.load`` of each array);
+- ``weights_record`` / ``load_global``: what our ClientApp and ServerApp use instead: the same
+  bytes written with one copy per tensor, and the weights copied into the model straight from
+  the message's bytes (``load_global`` includes ``load_state_dict``'s copy);
 - ``pickle``: ``pickle.dumps`` + ``loads`` of a ``Message`` carrying the record (what Ray does
   to a task argument and to its return value);
 - ``ray_roundtrip``: a trivial Ray actor method that receives the Message and returns it
@@ -49,7 +52,7 @@ from flwr.clientapp import ClientApp
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks._common import report, table  # noqa: E402
 from cxrfl_ray.fl.backend import use_out_of_band_arrays  # noqa: E402
-from cxrfl_ray.fl.client import load_global, trainable_state  # noqa: E402
+from cxrfl_ray.fl.client import load_global, trainable_state, weights_record  # noqa: E402
 from cxrfl_ray.tasks.models import create_model  # noqa: E402
 
 MODELS = ["tiny-conv", "resnet18", "resnet50"]
@@ -74,7 +77,7 @@ def echo(msg: Message, context: Context) -> Message:
         _ECHO_MODELS[name] = build(name)
     model = _ECHO_MODELS[name]
     load_global(model, msg.content["arrays"])
-    return Message(content=RecordDict({"arrays": ArrayRecord(trainable_state(model))}), reply_to=msg)
+    return Message(content=RecordDict({"arrays": weights_record(model)}), reply_to=msg)
 
 
 # -- components -----------------------------------------------------------------------------------
@@ -104,7 +107,8 @@ def components(name: str, repeats: int, echo_actor, oob_echo_actor) -> dict:
     import ray
     from flwr.app import Array
 
-    state = trainable_state(build(name))
+    model = build(name)
+    state = trainable_state(model)
     record = ArrayRecord(state)
     msg = train_message(record, name)
     ray.util.deregister_serializer(Array)  # Ray's default pickling on this side (the engine sets it)
@@ -113,6 +117,8 @@ def components(name: str, repeats: int, echo_actor, oob_echo_actor) -> dict:
         "mb": round(record.count_bytes() / 1e6, 3),
         "to_record_ms": median_ms(lambda: ArrayRecord(state), repeats),
         "from_record_ms": median_ms(record.to_torch_state_dict, repeats),
+        "weights_record_ms": median_ms(lambda: weights_record(model), repeats),
+        "load_global_ms": median_ms(lambda: load_global(model, record), repeats),
         "pickle_ms": median_ms(lambda: pickle.loads(pickle.dumps(msg, protocol=pickle.HIGHEST_PROTOCOL)), repeats),
         "ray_roundtrip_ms": median_ms(lambda: ray.get(echo_actor.echo.remote(msg)), repeats),
     }
@@ -205,7 +211,8 @@ def main() -> None:
              "node (1 CPU actor), echo client loading the weights into torch; Flower runtime = its run_api "
              "and grid (0.1 s polls), ours = doorbells; both with our backend (out-of-band arrays).", "",
              *table({"model": "model", "params_m": "params (M)", "mb": "MB", "to_record_ms": "to_record ms",
-                     "from_record_ms": "from_record ms", "pickle_ms": "pickle ms",
+                     "from_record_ms": "from_record ms", "weights_record_ms": "ours: weights_record ms",
+                     "load_global_ms": "ours: load_global ms", "pickle_ms": "pickle ms",
                      "ray_roundtrip_ms": "Ray round trip ms", "ray_roundtrip_oob_ms": "Ray round trip ms (out of band)",
                      "end_to_end_flower_ms": "end to end ms (Flower runtime)",
                      "end_to_end_ms": "end to end ms (ours)"}, results),

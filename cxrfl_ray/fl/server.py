@@ -12,12 +12,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from flwr.app import ArrayRecord, ConfigRecord, Context
+from flwr.app import ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 from tqdm import tqdm
 
 from cxrfl_ray.experiment import Prepared, evaluate_views
-from cxrfl_ray.fl.client import EXPERIMENT_KEY, load_global, trainable_state
+from cxrfl_ray.fl.client import EXPERIMENT_KEY, load_global, weights_record
 from cxrfl_ray.fl.state import load_state, restore_strategy, save_state
 from cxrfl_ray.fl.strategies import CLIENT_KEY, make_strategy, reply_client
 from cxrfl_ray.plots import plot_series
@@ -106,7 +106,7 @@ def serve(grid: Grid, prep: Prepared, run_dir: Path, outcome: Outcome, *, quiet:
         model = create_model(cfg.model.name, cfg.task, cfg.data.channels, prep.num_classes, cfg.model.pretrained,
                              norm=cfg.model.norm).to(device)
         loss_fn = task.make_loss(cfg.loss_name, cfg.train.class_weights).to(device)
-        arrays = ArrayRecord(trainable_state(model))
+        arrays = weights_record(model)
         strategy = make_strategy(cfg.fl.strategy.name, dict(cfg.fl.strategy.options),
                                  num_clients=num_clients, per_round=cfg.clients_per_round,
                                  seed=cfg.seed, client_eval=cfg.fl.client_eval, sites=sites)
