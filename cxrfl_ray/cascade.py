@@ -30,6 +30,8 @@ _EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
 # Share of the image below which a predicted region is a speck, not a lung (one lung of a
 # phantom covers about 8 %, of a 2x2 mosaic of chests about 2 %).
 MIN_REGION = 0.005
+# Lung probability below which a pixel counts as outside the lungs (the paper's threshold).
+LUNG_THRESHOLD = 0.05
 
 
 def load_segmenter(checkpoint: str | Path, device: torch.device) -> tuple[nn.Module, ExperimentConfig]:
@@ -96,7 +98,7 @@ def _check_args(threshold: float, min_area: float, max_area: float, max_componen
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
 
 
-def mask_dataset(seg_checkpoint: str | Path, dataset: str | Path, out: str | Path, *, threshold: float = 0.05,
+def mask_dataset(seg_checkpoint: str | Path, dataset: str | Path, out: str | Path, *, threshold: float = LUNG_THRESHOLD,
                  min_area: float = 0.05, max_area: float = 0.8, max_components: int = 2,
                  drop_flagged: bool = False, batch_size: int = 16, device: str = "auto",
                  progress: bool = True) -> dict[str, Any]:

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as nnf
 from torch import nn
 
+from cxrfl_ray.cascade import LUNG_THRESHOLD, load_segmenter, lung_probabilities
 from cxrfl_ray.config import ExperimentConfig
 from cxrfl_ray.data.imageio import decode_png
 from cxrfl_ray.data.store import DatasetError, StoredDataset, open_dataset
@@ -106,13 +107,10 @@ def masks_from_column(ds: StoredDataset, ids: Sequence[str]) -> list[np.ndarray]
     return [decode_png(m) > 127 for m in column.to_pylist()]
 
 
-def masks_from_segmenter(checkpoint: str | Path, images: Sequence[np.ndarray], device: torch.device,
-                         threshold: float = 0.05) -> list[np.ndarray]:
+def masks_from_segmenter(checkpoint: str | Path, images: Sequence[np.ndarray], device: torch.device) -> list[np.ndarray]:
     """Predicted lung masks (the cascade's model and threshold) at the images' sizes."""
-    from cxrfl_ray.cascade import load_segmenter, lung_probabilities
-
     model, cfg = load_segmenter(checkpoint, device)
-    return [p >= threshold for p in lung_probabilities(model, cfg, images, device)]
+    return [p >= LUNG_THRESHOLD for p in lung_probabilities(model, cfg, images, device)]
 
 
 def lung_masks(ds: StoredDataset, ids: Sequence[str], images: Sequence[np.ndarray], *,
@@ -129,7 +127,7 @@ def lung_masks(ds: StoredDataset, ids: Sequence[str], images: Sequence[np.ndarra
             raise DatasetError(f"--masks {other.path}: some of the chosen images have no mask there")
         return found, f"mask column of {other.path} (--masks; {other.card.get('mask_source', 'ground truth')})"
     if seg is not None:
-        return masks_from_segmenter(seg, images, device), f"predicted by {seg} (--seg, threshold 0.05)"
+        return masks_from_segmenter(seg, images, device), f"predicted by {seg} (--seg, threshold {LUNG_THRESHOLD})"
     found = masks_from_column(ds, ids)
     if found is None:
         raise DatasetError(f"dataset {ds.path} has no lung masks; pass --masks or --seg")
@@ -184,15 +182,14 @@ def focus_score(cam: np.ndarray, mask: np.ndarray) -> float:
     return float(cam[mask].sum()) / total if total > 0 else float("nan")
 
 
-def run_model(checkpoint: str | Path, ds: StoredDataset, ids: Sequence[str], *, name: str, method: str,
+def run_model(checkpoint: str | Path, ds: StoredDataset, images: list[np.ndarray], *, name: str, method: str,
               layer: str | None, device: torch.device) -> ModelCams:
-    """Load a classifier and compute its CAMs over the rows ``ids`` of ``ds``."""
+    """Load a classifier and compute its CAMs over ``images`` (decoded rows of ``ds``)."""
     model, cfg, meta = load_checkpoint(checkpoint, task="classification", device=device)
     dotted = layer or get_spec(meta["model"]).cam_layer
     if not dotted:
         raise ModelError(f"model {meta['model']} has no registered CAM layer; pass --layer")
     target = resolve_layer(model, dotted, meta["model"])
-    images = [decode_png(b) for b in rows_by_id(ds, ids, ["image"]).column("image").to_pylist()]
     cams, predicted = compute_cams(model, cfg, target, method, images, device)
     return ModelCams(name, str(checkpoint), str(ds.path), dotted, cams, predicted, images)
 
@@ -342,10 +339,13 @@ def run_cam(checkpoint: str | Path, dataset: str | Path, out: str | Path, *, n: 
     images = [decode_png(b) for b in rows.column("image").to_pylist()]
     lungs, mask_source = lung_masks(ds, ids, images, masks=masks, seg=seg, device=dev)
 
-    models = [run_model(checkpoint, ds, ids, name="main", method=method, layer=layer, device=dev)]
+    models = [run_model(checkpoint, ds, images, name="main", method=method, layer=layer, device=dev)]
     if compare is not None:
-        other = open_dataset(compare_dataset) if compare_dataset is not None else ds
-        models.append(run_model(compare, other, ids, name="compare", method=method, layer=layer, device=dev))
+        other, other_images = ds, images
+        if compare_dataset is not None:  # the same ids, their pixels from the other dataset
+            other = open_dataset(compare_dataset)
+            other_images = [decode_png(b) for b in rows_by_id(other, ids, ["image"]).column("image").to_pylist()]
+        models.append(run_model(compare, other, other_images, name="compare", method=method, layer=layer, device=dev))
     labels = [_label(k, ds.label_names) for k in true_labels]
     summaries = {}
     for m in models:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import io
+import os
 import shlex
 import shutil
 import sys
@@ -32,8 +33,6 @@ BEGIN, END = "--- cxrfl tarball begin ---", "--- cxrfl tarball end ---"
 
 def _passed_on() -> dict[str, str]:
     """Our own settings (``CXRFL_*``, e.g. ``CXRFL_DEBUG`` for tracebacks) go along with a job."""
-    import os
-
     return {k: v for k, v in os.environ.items() if k.startswith("CXRFL_")}
 
 
@@ -77,22 +76,32 @@ def sweep_folder(args: list[str], remote_root: str = REMOTE_ROOT) -> str | None:
 MAX_BUNDLE = 256 * 1024
 
 
-def bundle(folder: Path) -> str:
-    """A folder as base64 tar.gz text, small enough for a command line."""
+def _targz(folder: Path, keep=None) -> bytes:
+    """``folder`` as tar.gz bytes; ``keep`` is tarfile's filter (None drops a member)."""
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w:gz") as tar:
-        tar.add(folder, arcname=".")
-    if buf.tell() > MAX_BUNDLE:
-        raise ValueError(f"the files this command names take {buf.tell() // 1024} KB packed (limit "
+        tar.add(folder, arcname=".", filter=keep)
+    return buf.getvalue()
+
+
+def _untargz(data: bytes, folder: Path) -> None:
+    """Unpack tar.gz bytes into ``folder`` (tarfile's ``data`` filter: nothing lands outside it)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r:gz") as tar:
+        tar.extractall(folder, filter="data")
+
+
+def bundle(folder: Path) -> str:
+    """A folder as base64 tar.gz text, small enough for a command line."""
+    data = _targz(folder)
+    if len(data) > MAX_BUNDLE:
+        raise ValueError(f"the files this command names take {len(data) // 1024} KB packed (limit "
                          f"{MAX_BUNDLE // 1024} KB): put data on storage the cluster reads (s3://, gs://, a shared disk)")
-    return base64.b64encode(buf.getvalue()).decode()
+    return base64.b64encode(data).decode()
 
 
 def unpack(folder: str, text: str) -> None:
-    root = Path(folder).expanduser()
-    root.mkdir(parents=True, exist_ok=True)
-    with tarfile.open(fileobj=io.BytesIO(base64.b64decode(text)), mode="r:gz") as tar:
-        tar.extractall(root, filter="data")
+    _untargz(base64.b64decode(text), Path(folder).expanduser())
 
 
 def entrypoint(args: list[str], job_dir: str, files: str, remote_root: str = REMOTE_ROOT,
@@ -167,9 +176,7 @@ def fetch_folder(address: str, remote: str, local: Path, *, python: str = "pytho
         raise RuntimeError(f"fetching {remote} failed ({status}): {logs[-2000:]}")
     payload = logs.split(BEGIN, 1)[1].split(END, 1)[0]
     data = base64.b64decode("".join(payload.split()))
-    local.mkdir(parents=True, exist_ok=True)
-    with tarfile.open(fileobj=io.BytesIO(data), mode="r:gz") as tar:
-        tar.extractall(local, filter="data")
+    _untargz(data, local)
     print(f"fetched {remote} -> {local.resolve()} ({len(data) / 1e6:.1f} MB)", flush=True)
     return local
 
@@ -186,10 +193,7 @@ def pack(folder: str, with_checkpoints: bool = False) -> None:
             return None
         return info
 
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
-        tar.add(root, arcname=".", filter=keep)
-    text = base64.b64encode(buf.getvalue()).decode()
+    text = base64.b64encode(_targz(root, keep)).decode()
     print(BEGIN)
     for i in range(0, len(text), 16384):
         print(text[i:i + 16384])

@@ -276,7 +276,7 @@ def _trainable(spec: SweepSpec, sweep_dir: Path):
         if (run_dir / "summary.json").is_file():  # finished before an interruption: report, don't rerun
             report(cfg.fl.rounds, _final_metrics(run_dir))
             return
-        done = saved_round(run_dir) if run_dir.is_dir() else None
+        done = saved_round(run_dir)
         try:
             if done is not None and done < cfg.fl.rounds:
                 run_federated(resume=run_dir, quiet=True, on_round=report)

@@ -36,7 +36,7 @@ def main(grid: Grid, context: Context) -> None:
     cfg = load_config(str(rc["config"]), shlex.split(str(rc.get("set", ""))))
     prep = prepare(cfg, role="server")  # checks the evaluation data before any site trains
     run_dir = Path(str(rc.get("out") or Path(cfg.out_dir) / f"{cfg.name}-deploy"))
-    done = saved_round(run_dir) if run_dir.is_dir() else None
+    done = saved_round(run_dir)
     if done is not None and done >= cfg.fl.rounds:
         raise ConfigError(f"run folder {run_dir}: all {cfg.fl.rounds} rounds are already done")
     if done is None:

@@ -257,7 +257,7 @@ def run_federated(cfg: ExperimentConfig | None = None, quiet: bool = False, verb
     """
     if resume is not None:
         run_dir = Path(resume)
-        done = saved_round(run_dir) if run_dir.is_dir() else None
+        done = saved_round(run_dir)
         if done is None:
             raise ConfigError(f"--resume {run_dir}: no saved round state ({STATE_FILE}) in that folder")
         cfg = load_config(run_dir / "config.yaml")

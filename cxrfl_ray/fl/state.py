@@ -37,6 +37,7 @@ def save_state(run_dir: Path, server_round: int, arrays: ArrayRecord, strategy: 
 
 
 def saved_round(run_dir: Path) -> int | None:
+    """The last completed round saved in ``run_dir`` (None: no state, or no such folder)."""
     path = run_dir / STATE_FILE
     if not path.is_file():
         return None
