@@ -52,6 +52,13 @@ def cluster_processes(port: int) -> list[int]:
     return sorted(found)
 
 
+def own_agent_ports() -> list[str]:
+    """Free ports for a node's dashboard agent: its default (52365) may be held by another Ray on
+    this machine (the test session's), and a head without its agent cannot take jobs."""
+    return [f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+            f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}"]
+
+
 @pytest.fixture(scope="module")
 def two_node_cluster():
     port, dashboard = free_port(), free_port()
@@ -62,10 +69,11 @@ def two_node_cluster():
     try:
         subprocess.run([ray, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
                         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--include-dashboard=true",
-                        "--num-cpus=1", "--disable-usage-stats"], env=env, check=True, timeout=120,
+                        "--num-cpus=1", "--disable-usage-stats", *own_agent_ports()], env=env, check=True, timeout=120,
                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        subprocess.run([ray, "start", f"--address=127.0.0.1:{port}", "--num-cpus=1", "--disable-usage-stats"],
-                       env=env, check=True, timeout=120, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        subprocess.run([ray, "start", f"--address=127.0.0.1:{port}", "--num-cpus=1", "--disable-usage-stats",
+                        *own_agent_ports()], env=env, check=True, timeout=120, stdout=subprocess.DEVNULL,
+                       stderr=subprocess.PIPE)
         yield f"http://127.0.0.1:{dashboard}", env
     finally:
         for pid in cluster_processes(port):

@@ -70,11 +70,15 @@ def test_idle_actors_are_reused_then_released(ray_session, monkeypatch):
     second.terminate()
     import time
 
-    time.sleep(3)  # past the keep window: the kept actors are gone and their CPUs free again
+    deadline = time.monotonic() + 30  # the keep window (1 s) ends: the kept actors go, their CPUs free again
+    while any(backend_module._IDLE.values()) and time.monotonic() < deadline:
+        time.sleep(0.1)
     assert not any(backend_module._IDLE.values())
     for actor in actors:
         with pytest.raises(ray.exceptions.RayActorError):
             ray.get(actor.__ray_ready__.remote(), timeout=30)
+    while ray.available_resources().get("CPU", 0) != 2 and time.monotonic() < deadline:
+        time.sleep(0.1)  # Ray's resource view follows the actors' deaths
     assert ray.available_resources().get("CPU", 0) == 2
 
 
