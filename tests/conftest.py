@@ -176,6 +176,7 @@ def kill_process_tree(proc) -> None:
     crash or an OOM kill would), then reap it."""
     import signal
 
+    os.killpg(proc.pid, signal.SIGSTOP)  # frozen at once: finding the tree below takes a moment
     victims = _descendants(proc.pid)
     os.killpg(proc.pid, signal.SIGKILL)
     for pid in victims:
