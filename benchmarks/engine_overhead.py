@@ -6,7 +6,7 @@ imports, each actor's data and model: everything up to the end of round 1 beyond
 set-up and first round), and the mean steady-state round time (rounds 2..R) of each. With one
 CPU per actor and 2 actors, the engine trains two clients at once where the floor trains one
 after the other, so a steady-state ratio below 1 is possible on 2 cores. The final validation metric of both is printed as a check that the
-work was the same.
+work was the same (the floor averages with FedAvg's own float32 arithmetic, so they agree exactly).
 """
 
 from __future__ import annotations
@@ -33,10 +33,22 @@ from cxrfl_ray.tasks.models import create_model  # noqa: E402
 from cxrfl_ray.tasks.training import seed_everything  # noqa: E402
 
 CASES = {
-    # name: (model, image size, steps per round, batch size)
-    "tiny-conv (~50 ms/client)": ("tiny-conv", 64, 3, 8),
-    "resnet18 128px (>=1 s/client)": ("resnet18", 128, 3, 8),
+    # name: (task, model, image size, steps per round, batch size)
+    "tiny-conv (~50 ms/client)": ("classification", "tiny-conv", 64, 3, 8),
+    "resnet18 128px (>=1 s/client)": ("classification", "resnet18", 128, 3, 8),
+    "unet-resnet18 128px": ("segmentation", "unet-resnet18", 128, 3, 8),
 }
+
+
+def fedavg(states: list[dict[str, torch.Tensor]], weights: list[int]) -> dict[str, torch.Tensor]:
+    """Flower FedAvg's arithmetic (``aggregate_arrayrecords``): in each array's dtype, clients in
+    the given (client-id) order, so the floor's global model is the engine's, bit for bit."""
+    factors = [w / sum(weights) for w in weights]
+    total = {k: v.numpy() * factors[0] for k, v in states[0].items()}
+    for state, factor in zip(states[1:], factors[1:]):
+        for k, v in state.items():
+            total[k] += v.numpy() * factor
+    return {k: torch.from_numpy(np.asarray(v)) for k, v in total.items()}
 
 
 def floor(cfg) -> tuple[float, float, list[float], float]:
@@ -59,8 +71,7 @@ def floor(cfg) -> tuple[float, float, list[float], float]:
             fit_client(rt, cid, rnd)
             states.append({k: v.detach().clone() for k, v in trainable_state(rt.model).items()})
             weights.append(len(rt.client_images(cid)))
-        w = np.asarray(weights, dtype=np.float64) / sum(weights)
-        arrays = {k: sum(float(wi) * s[k].double() for wi, s in zip(w, states)).to(states[0][k].dtype) for k in states[0]}
+        arrays = fedavg(states, weights)
         server.load_state_dict(arrays, strict=False)
         results = evaluate_views(prep, server, rt.device, rt.loss_fn, list(prep.views))
         rounds.append(time.perf_counter() - t)
@@ -91,9 +102,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "data"
         write_synthetic_dataset(data, n=400, sites=4, size=128, seed=0, progress=False)
-        for label, (model, size, steps, batch) in CASES.items():
+        for label, (task, model, size, steps, batch) in CASES.items():
             cfg = build_config({
-                "name": "bench", "out_dir": tmp, "task": "classification", "seed": 0,
+                "name": "bench", "out_dir": tmp, "task": task, "seed": 0,
                 "data": {"path": str(data), "size": size, "augment": False}, "model": {"name": model},
                 "partition": {"clients": clients}, "train": {"steps": steps, "batch_size": batch, "lr": 1e-3},
                 "fl": {"rounds": rounds, "fraction": 0.5, "client_num_cpus": 1.0,

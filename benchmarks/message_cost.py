@@ -2,8 +2,9 @@
 
 Every federated round sends the global weights to each selected client and gets the client's
 weights back, as a Flower ``Message`` holding an ``ArrayRecord``. This measures what one such
-message costs for models of ~0.1M (tiny-conv), 11M (resnet18) and 23.5M (resnet50) parameters
-(classification, 1 channel, 3 classes), so the fixed cost of a round can be told apart from
+message costs for models of 0.1K (tiny-conv), 0.1M (``linear-0.1M``: one 316x316 linear layer,
+as cost depends only on the bytes and the number of tensors), 11M (resnet18) and 23.5M (resnet50)
+parameters (classification, 1 channel, 3 classes), so the fixed cost of a round can be told apart from
 training. Components (median of several repeats, ms):
 
 - ``to_record``: ``ArrayRecord(state_dict)`` from a torch state dict (``trainable_state``):
@@ -55,11 +56,14 @@ from cxrfl_ray.fl.backend import use_out_of_band_arrays  # noqa: E402
 from cxrfl_ray.fl.client import load_global, trainable_state, weights_record  # noqa: E402
 from cxrfl_ray.tasks.models import create_model  # noqa: E402
 
-MODELS = ["tiny-conv", "resnet18", "resnet50"]
+MODELS = ["tiny-conv", "linear-0.1M", "resnet18", "resnet50"]
 TARGET_MODEL, TARGET_MS = "resnet50", 100.0
 
 
 def build(name: str) -> torch.nn.Module:
+    if name == "linear-0.1M":  # no registered model has ~0.1M parameters
+        torch.manual_seed(0)
+        return torch.nn.Linear(316, 316)
     return create_model(name, "classification", 1, 3)
 
 
