@@ -15,7 +15,7 @@ from cxrfl_ray.experiment import Prepared, evaluate_views, prepare
 from cxrfl_ray.plots import plot_series
 from cxrfl_ray.tasks.checkpoint import save_checkpoint
 from cxrfl_ray.tasks.models import create_model
-from cxrfl_ray.tasks.training import make_optimizer, seed_everything, select_device, train_local
+from cxrfl_ray.tasks.training import make_optimizer, make_scheduler, seed_everything, select_device, train_local
 from cxrfl_ray.tracking import MetricsSink
 
 log = logging.getLogger("cxrfl.train")
@@ -48,6 +48,7 @@ def run_training(cfg: ExperimentConfig, local_only: int | None = None, quiet: bo
     ``best.safetensors``, ``last.safetensors``, ``summary.json`` and a PNG of the main metric.
     """
     prep = prepare(cfg)
+    cfg = prep.cfg  # with counts taken from the dataset (partition.clients: sites)
     if local_only is not None and not 0 <= local_only < len(prep.plan.clients):
         raise ConfigError(f"--local-only {local_only}: the plan has clients 0..{len(prep.plan.clients) - 1}")
     rows = prep.pooled_train_rows if local_only is None else prep.plan.clients[local_only]
@@ -66,9 +67,7 @@ def run_training(cfg: ExperimentConfig, local_only: int | None = None, quiet: bo
     optimizer = make_optimizer(model.parameters(), cfg.train)
     train_loader = prep.loader(rows, train=True)
     steps_per_epoch = cfg.train.steps or len(train_loader)
-    scheduler = None
-    if cfg.train.lr_schedule == "cosine":
-        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps_per_epoch * cfg.train.epochs)
+    scheduler = make_scheduler(optimizer, cfg.train, steps_per_epoch * cfg.train.epochs)
     checkpoint_args = dict(cfg=cfg, num_classes=prep.num_classes, label_names=prep.label_names)
     val_view = ("central", cfg.data.val_split)
     main = prep.task.main_metric

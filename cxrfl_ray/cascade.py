@@ -50,7 +50,7 @@ def lung_probabilities(model: nn.Module, cfg: ExperimentConfig, images: Sequence
     """
     if not images:
         return []
-    x = torch.stack([model_input(p, cfg.data.size, cfg.data.channels, cfg.data.imagenet_norm) for p in images])
+    x = torch.stack([model_input(p, cfg.data.size, cfg.data.channels, cfg.data.normalization) for p in images])
     probs = model(x.to(device)).float().sigmoid()
     return [
         nnf.interpolate(prob[None], size=pixels.shape, mode="bilinear", align_corners=False)[0, 0].cpu().numpy()

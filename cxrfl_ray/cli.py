@@ -67,25 +67,39 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     from cxrfl_ray.data.ingest import LAYOUTS, IngestOptions, ingest
     from cxrfl_ray.data.ingest.rsna import LABEL_NAMES as RSNA_LABELS
 
-    root = Path(args.source)
-    source = args.name or root.resolve().name
-    kwargs: dict = {"source": source}
-    if args.layout in ("manifest", "lungseg"):
-        kwargs.update(columns=dict(args.column or []), csv=args.csv, images=args.images)
-        kwargs.update(masks=args.masks)
-        if args.unlabeled is not None:
-            kwargs["unlabeled"] = args.unlabeled
-    elif args.layout == "rsna":
-        kwargs.update(images=args.images)
-    entries = LAYOUTS[args.layout](root, **kwargs)
+    roots = [Path(s) for s in args.source]
+    names = [r.resolve().name for r in roots]
+    if len(set(names)) != len(names):
+        raise SystemExit(f"error: source folders must have distinct names (they name sites and ids): {names}")
+    if len(roots) > 1 and (args.csv or args.images or args.masks):
+        raise SystemExit("error: --csv/--images/--masks name one source's files; give one source folder with them")
+    entries: list = []
+    for root, name in zip(roots, names):
+        # One folder: its name (or --name) is the source. Several: each folder is a source, and
+        # the site of rows whose CSV names none (one folder per hospital).
+        source = args.name if len(roots) == 1 and args.name else name
+        kwargs: dict = {"source": source}
+        if args.layout in ("manifest", "lungseg"):
+            kwargs.update(columns=dict(args.column or []), csv=args.csv, images=args.images)
+            kwargs.update(masks=args.masks)
+            if args.unlabeled is not None:
+                kwargs["unlabeled"] = args.unlabeled
+        elif args.layout == "rsna":
+            kwargs.update(images=args.images)
+        for entry in LAYOUTS[args.layout](root, **kwargs):
+            if len(roots) > 1 and hasattr(entry, "source"):
+                entry.source = source
+            entries.append(entry)
     labels = args.labels or (list(RSNA_LABELS) if args.layout == "rsna" else None)
     options = IngestOptions(
         label_names=labels, max_size=args.max_size, strict=args.strict, val_frac=args.val_frac,
         test_frac=args.test_frac, seed=args.seed, resize_masks=args.resize_masks,
         workers=args.workers, progress=not args.quiet,
     )
-    sources = [{"layout": args.layout, "path": str(root.resolve())}]
-    card = ingest(entries, args.out, name=args.name or source, source=source, options=options, sources=sources)
+    sources = [{"layout": args.layout, "path": str(r.resolve())} for r in roots]
+    name = args.name or "+".join(names)
+    card = ingest(entries, args.out, name=name, source=names[0] if len(roots) == 1 and not args.name else name,
+                  options=options, sources=sources)
     print(summarize_card(card))
     print(f"wrote {Path(args.out).resolve()}")
     return 0
@@ -160,8 +174,10 @@ def cmd_simulate(args: argparse.Namespace) -> int:
             print(cfg.to_yaml())
         return 0
     for cfg in configs:
-        print(f"== {cfg.name}: {cfg.task}, {cfg.model.name}, {cfg.partition.clients} clients, "
-              f"{cfg.clients_per_round} per round, {cfg.fl.strategy.name}, {cfg.fl.rounds} rounds", flush=True)
+        cohort = (f"{cfg.partition.clients} clients, {cfg.clients_per_round} per round"
+                  if cfg.partition.clients != "sites" else f"one client per site, {cfg.fl.fraction:g} per round")
+        print(f"== {cfg.name}: {cfg.task}, {cfg.model.name}, {cohort}, {cfg.fl.strategy.name}, "
+              f"{cfg.fl.rounds} rounds", flush=True)
         run = run_federated(cfg, quiet=args.quiet, verbose=args.verbose)
         summary = json.loads((run / "summary.json").read_text())
         print(f"best {summary['main_metric']} {summary['best_value']:.4f} at round {summary['best_round']}; "
@@ -310,9 +326,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("ingest", help="turn a folder of real chest X-rays into a dataset")
     p.add_argument("layout", choices=["manifest", "lungseg", "rsna", "folders"], help="source layout")
-    p.add_argument("source", help="source folder")
+    p.add_argument("source", nargs="+", help="source folder(s); several join one dataset, each folder a source "
+                   "and the site of its rows where its CSV names none (one folder per hospital)")
     p.add_argument("--out", required=True, help="dataset folder to write (replaced atomically)")
-    p.add_argument("--name", help="dataset/source name (default: the source folder's name)")
+    p.add_argument("--name", help="dataset name (default: the source folder names joined by +)")
     p.add_argument("--csv", type=Path, help="label CSV (default SOURCE/labels.csv)")
     p.add_argument("--images", type=Path, help="image folder (default: guessed from the layout)")
     p.add_argument("--masks", type=Path, help="mask folder (default: guessed from the layout)")

@@ -25,8 +25,15 @@ class DataConfig(Section):
     path: str = Field("runs/default/data", description="dataset folder written by cxrfl synth/ingest")
     size: int = Field(128, ge=16, le=4096, description="images are resized to size x size")
     channels: Literal[1, 3] = Field(1, description="3 repeats grey for ImageNet-pretrained models")
-    imagenet_norm: bool = Field(False, description="normalise with ImageNet mean/std (paper, 3 channels)")
-    augment: bool = Field(True, description="the paper's augmentations for the task, seeded")
+    imagenet_norm: bool = Field(False, description="normalise with ImageNet mean/std (paper, 3 channels); "
+                                "same as normalize: imagenet")
+    normalize: Literal["none", "image", "imagenet"] | None = Field(
+        None, description="input standardisation: none keeps [0, 1]; image scales each image to mean 0, std 1 "
+        "(no statistics to share between sites, robust to scanner contrast); imagenet uses ImageNet's "
+        "mean/std. Default: imagenet if imagenet_norm, else none")
+    augment: bool | Literal["paper", "light"] = Field(
+        True, description="seeded augmentations: true or paper = the CXR-FL paper's for the task (segmentation: "
+        "rotations to 90 degrees, 1-2x zoom, flips), light = small rotations, zoom and contrast, no flips; false = none")
     train_splits: list[str] = Field(default_factory=lambda: ["train"])
     val_split: str = "val"
     test_split: str = "test"
@@ -38,11 +45,25 @@ class DataConfig(Section):
     )
 
 
+    @model_validator(mode="after")
+    def _one_normalisation(self) -> "DataConfig":
+        if self.imagenet_norm and self.normalize not in (None, "imagenet"):
+            raise ValueError(f"data.imagenet_norm is true but data.normalize is {self.normalize!r}; set one of them")
+        return self
+
+    @property
+    def normalization(self) -> str:
+        """The input standardisation in effect (``normalize``, or ``imagenet_norm``'s)."""
+        return self.normalize or ("imagenet" if self.imagenet_norm else "none")
+
+
 class PartitionConfig(Section):
     """How the training rows are split into clients (see docs/DATA.md, Partitions)."""
 
     scheme: Literal["iid", "dirichlet", "quantity", "site"] = "iid"
-    clients: int = Field(3, ge=1)
+    clients: int | Literal["sites"] = Field(
+        3, description="number of clients; 'sites' (scheme site only): one per training site of the dataset, "
+        "counted when the dataset is opened")
     alpha: float = Field(0.5, gt=0, description="dirichlet concentration (smaller = more label skew)")
     power: float = Field(1.0, ge=0, description="quantity power-law exponent (larger = more size skew)")
     min_size: int = Field(1, ge=0, description="minimum patients per client")
@@ -50,6 +71,15 @@ class PartitionConfig(Section):
     def scheme_args(self) -> dict[str, float]:
         extra = {"dirichlet": {"alpha": self.alpha}, "quantity": {"power": self.power}}.get(self.scheme, {})
         return {**extra, **({"min_size": self.min_size} if self.scheme in ("dirichlet", "quantity") else {})}
+
+
+    @model_validator(mode="after")
+    def _sites_need_site_scheme(self) -> "PartitionConfig":
+        if self.clients == "sites" and self.scheme != "site":
+            raise ValueError(f"partition.clients 'sites' needs partition.scheme 'site' (got {self.scheme!r})")
+        if isinstance(self.clients, int) and self.clients < 1:
+            raise ValueError(f"partition.clients must be at least 1 (got {self.clients})")
+        return self
 
 
 class ModelConfig(Section):
@@ -77,7 +107,9 @@ class TrainConfig(Section):
     steps: int | None = Field(
         None, ge=1, description="an epoch is this many optimiser steps instead of one pass (comparable across client sizes)"
     )
-    lr_schedule: Literal["constant", "cosine"] = Field("constant", description="cosine decays to 0 over the run")
+    lr_schedule: Literal["constant", "cosine"] = Field(
+        "constant", description="cosine decays to 0 over the run: all epochs (centralised) or all rounds "
+        "(federated: each client's steps continue one schedule across rounds instead of restarting)")
     loss: Literal["dice_bce", "dice", "bce", "cross_entropy"] | None = Field(
         None, description="default: dice_bce for segmentation, cross_entropy for classification"
     )
@@ -145,6 +177,9 @@ class ExperimentConfig(Section):
     def clients_per_round(self) -> int:
         if self.fl.clients_per_round is not None:
             return self.fl.clients_per_round
+        if self.partition.clients == "sites":
+            raise ConfigError("partition.clients is 'sites': the count is known once the dataset is opened "
+                              "(experiment.prepare); set a number where it is needed first (e.g. a sweep)")
         return max(self.fl.min_clients, round(self.fl.fraction * self.partition.clients))
 
     @model_validator(mode="after")
@@ -160,11 +195,12 @@ class ExperimentConfig(Section):
             get_spec(self.model.name, self.task)
         except ModelError as exc:
             raise ValueError(f"model.name: {exc}") from None
-        if self.fl.min_clients > self.partition.clients:
+        fixed = self.partition.clients if isinstance(self.partition.clients, int) else None
+        if fixed is not None and self.fl.min_clients > fixed:
             raise ValueError(
                 f"fl.min_clients {self.fl.min_clients} is more than partition.clients {self.partition.clients}"
             )
-        if (self.fl.clients_per_round or 0) > self.partition.clients:
+        if fixed is not None and (self.fl.clients_per_round or 0) > fixed:
             raise ValueError(f"fl.clients_per_round {self.fl.clients_per_round} is more than partition.clients "
                              f"{self.partition.clients}")
         if self.train.class_weights is not None and self.task != "classification":

@@ -54,7 +54,7 @@ class Prepared:
         d = self.cfg.data
         return ClientImages(self.dataset, rows, task=self.task.name, size=d.size,
                             augment=d.augment and train, seed=self.cfg.seed + seed_offset,
-                            channels=d.channels, imagenet_norm=d.imagenet_norm, cache_mb=d.cache_mb)
+                            channels=d.channels, normalize=d.normalization, cache_mb=d.cache_mb)
 
     def loader(self, rows: np.ndarray, train: bool, seed_offset: int = 0) -> DataLoader:
         t = self.cfg.train
@@ -80,6 +80,21 @@ def evaluate_views(prep: Prepared, model, device, loss_fn, keys) -> dict[tuple[s
 Role = Literal["simulation", "site", "server"]
 
 
+def resolve_site_clients(cfg: ExperimentConfig, ds: StoredDataset) -> ExperimentConfig:
+    """``partition.clients: sites`` becomes the number of the dataset's training sites (held-out
+    sites excluded), so one preset fits a federation of any size; other configs are unchanged."""
+    if cfg.partition.clients != "sites":
+        return cfg
+    held = set(cfg.data.holdout_sites)
+    sites = [s for s, n in ds.card["counts"]["site"].items() if n and s not in held]
+    if not sites:
+        raise ConfigError(f"partition.clients 'sites': dataset {ds.path} has no training site "
+                          f"(sites {sorted(ds.card['counts']['site'])}, held out {sorted(held)})")
+    data = cfg.model_dump(mode="json")
+    data["partition"]["clients"] = len(sites)
+    return ExperimentConfig.model_validate(data)
+
+
 def prepare(cfg: ExperimentConfig, role: Role = "simulation") -> Prepared:
     """Open the dataset, check it fits the task, plan the clients and the evaluation views.
 
@@ -94,6 +109,7 @@ def prepare(cfg: ExperimentConfig, role: Role = "simulation") -> Prepared:
         raise ConfigError(f"data.path: {exc}") from None
     task = TASKS[cfg.task]
     card = ds.card
+    cfg = resolve_site_clients(cfg, ds)
     if task.needs_masks and card.get("num_masks", 0) == 0:
         raise ConfigError(
             f"task {cfg.task!r} needs lung masks, but dataset {ds.path} has none (num_masks=0)"

@@ -161,7 +161,7 @@ def compute_cams(model: nn.Module, cfg: ExperimentConfig, layer: nn.Module, meth
     with cam_class(method)(model=model, target_layers=[layer]) as cam:
         for start in range(0, len(images), batch_size):
             chunk = images[start:start + batch_size]
-            x = torch.stack([model_input(p, cfg.data.size, cfg.data.channels, cfg.data.imagenet_norm) for p in chunk])
+            x = torch.stack([model_input(p, cfg.data.size, cfg.data.channels, cfg.data.normalization) for p in chunk])
             with torch.no_grad():
                 classes = model(x.to(device)).argmax(dim=1).cpu().tolist()
             maps = cam(input_tensor=x, targets=[ClassifierOutputTarget(c) for c in classes])

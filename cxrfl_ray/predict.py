@@ -66,7 +66,7 @@ def predict(checkpoint: str | Path, source: str | Path, out: str | Path, batch_s
 
     def flush() -> None:
         nonlocal count
-        x = torch.stack([model_input(p, cfg.data.size, cfg.data.channels, cfg.data.imagenet_norm) for _, p in batch])
+        x = torch.stack([model_input(p, cfg.data.size, cfg.data.channels, cfg.data.normalization) for _, p in batch])
         logits = model(x.to(dev)).float()
         if cfg.task == "segmentation":
             for (name, pixels), logit in zip(batch, logits):

@@ -48,4 +48,21 @@ PRESETS: dict[str, dict] = {
                   "device": "cuda"},
         "fl": {"rounds": 10, "fraction": 1.0, "client_num_gpus": 1.0},
     },
+    # Federated lung segmentation on real hospitals, one site per client (see README, Real data).
+    # Tuned on Montgomery + Shenzhen (issue 13's closing note has what each setting bought).
+    "real-segmentation": {
+        "name": "real-segmentation", "task": "segmentation", "out_dir": "runs/real",
+        "data": {"path": "data/lungseg", "size": 128, "augment": "light", "normalize": "image"},
+        "model": {"name": "unet-resnet18", "norm": "group"}, "partition": {"scheme": "site", "clients": "sites"},
+        "train": {"optimizer": "adam", "lr": 1e-3, "batch_size": 8, "epochs": 1, "lr_schedule": "cosine"},
+        "fl": {"rounds": 10, "fraction": 1.0, "thresholds": {"jaccard": 0.9}},
+    },
+    # Normal vs tuberculosis (or any labels) on the same sites, full or lung-masked images.
+    "real-classification": {
+        "name": "real-classification", "task": "classification", "out_dir": "runs/real",
+        "data": {"path": "data/lungseg", "size": 128, "augment": "light", "normalize": "image"},
+        "model": {"name": "resnet18"}, "partition": {"scheme": "site", "clients": "sites"},
+        "train": {"optimizer": "adam", "lr": 1e-3, "batch_size": 16, "epochs": 1, "lr_schedule": "cosine"},
+        "fl": {"rounds": 10, "fraction": 1.0, "thresholds": {"auroc": 0.8}},
+    },
 }

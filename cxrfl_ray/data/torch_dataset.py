@@ -48,6 +48,23 @@ AUGMENTS: dict[str, Augment] = {
     "segmentation": Augment(rotate=90, scale=(1.0, 2.0), hflip=0.5, vflip=0.5, brightness=0.2, contrast=0.2),
     "classification": Augment(rotate=5, scale=(0.95, 1.05), shear=5, hflip=0.5),
 }
+# Positioning and exposure differences between frontal CXRs, without the flips and 90-degree turns
+# no real frontal film has (see the real-segmentation preset for what each set bought).
+LIGHT_AUGMENTS: dict[str, Augment] = {
+    "segmentation": Augment(rotate=10, scale=(0.9, 1.1), shear=5, brightness=0.2, contrast=0.2),
+    "classification": Augment(rotate=10, scale=(0.9, 1.1), shear=5, brightness=0.2, contrast=0.2),
+}
+NORMALIZATIONS = ("none", "image", "imagenet")
+
+
+def task_augment(task: str, augment: bool | str) -> Augment | None:
+    """A config's ``data.augment`` (true/"paper", "light", false) as the task's ``Augment``."""
+    if augment is False or augment is None:
+        return None
+    table = LIGHT_AUGMENTS if augment == "light" else AUGMENTS
+    if augment not in (True, "paper", "light"):
+        raise ValueError(f"augment must be true, false, 'paper' or 'light', got {augment!r}")
+    return table[task]
 
 
 class PixelCache:
@@ -95,10 +112,12 @@ class ClientImages(Dataset):
     row_ids : the rows this client holds (a plan entry).
     task : ``classification`` yields (image, label); ``segmentation`` yields (image, mask).
     size : output side in pixels (images are resized to size x size).
-    augment : apply the task's paper augmentations (or a custom ``Augment``).
+    augment : true or "paper" (the task's paper augmentations), "light", or a custom ``Augment``.
     seed : seed for augmentation; call ``set_epoch`` to vary it per epoch.
     channels : 1, or 3 (grey repeated, as ImageNet-pretrained models expect).
     imagenet_norm : normalise with ImageNet mean/std (else pixels stay in [0, 1]).
+    normalize : ``none``, ``image`` (each image to mean 0, std 1) or ``imagenet``; overrides
+        ``imagenet_norm`` when given.
     cache_mb : keep decoded, resized pixels in this process's ``PIXELS`` up to this many MiB
         (all ClientImages of the process together); 0 decodes every time.
     """
@@ -110,11 +129,12 @@ class ClientImages(Dataset):
         *,
         task: Task = "classification",
         size: int = 256,
-        augment: bool | Augment = False,
+        augment: bool | str | Augment = False,
         seed: int = 0,
         channels: int = 1,
         imagenet_norm: bool = False,
         cache_mb: float = 0,
+        normalize: str | None = None,
     ) -> None:
         if task not in AUGMENTS:
             raise ValueError(f"task must be one of {sorted(AUGMENTS)}, got {task!r}")
@@ -124,11 +144,13 @@ class ClientImages(Dataset):
         self.row_ids = np.asarray(row_ids, dtype=np.int64)
         self.task = task
         self.size = size
-        self.augment = AUGMENTS[task] if augment is True else (augment or None)
+        self.augment = augment if isinstance(augment, Augment) else task_augment(task, augment)
         self.seed = seed
         self.epoch = 0
         self.channels = channels
-        self.imagenet_norm = imagenet_norm
+        self.normalize = normalize or ("imagenet" if imagenet_norm else "none")
+        if self.normalize not in NORMALIZATIONS:
+            raise ValueError(f"normalize must be one of {NORMALIZATIONS}, got {normalize!r}")
         self.cache_mb = cache_mb
         self._rows = None
         self._cache_key: tuple | None = None
@@ -191,28 +213,33 @@ class ClientImages(Dataset):
         if self.augment is not None:
             rng = np.random.default_rng([self.seed, self.epoch, int(self.row_ids[index])])
             image, mask = _apply(self.augment, rng, image, mask)
-        image = _finish(image, self.channels, self.imagenet_norm)
+        image = _finish(image, self.channels, self.normalize)
         if mask is not None:
             return image, mask.float()
         return image, torch.tensor(int(rows.column("label")[index].as_py()), dtype=torch.int64)
 
 
-def model_input(pixels: np.ndarray, size: int, channels: int = 1, imagenet_norm: bool = False) -> torch.Tensor:
-    """What a model sees for a raw grayscale array: [0, 1], resized, channels, normalisation.
+def model_input(pixels: np.ndarray, size: int, channels: int = 1, normalize: str | bool = "none") -> torch.Tensor:
+    """What a model sees for a raw grayscale array: [0, 1], resized, channels, normalisation
+    (``normalize``: a config's ``data.normalization``; True means ImageNet's, as ``imagenet_norm``).
 
     Used for new images at prediction time, so they are prepared exactly as in training.
     """
     image = F.resize(_to_tensor(pixels), [size, size], antialias=True)
-    return _finish(image, channels, imagenet_norm)
+    return _finish(image, channels, "imagenet" if normalize is True else (normalize or "none"))
 
 
-def _finish(image: torch.Tensor, channels: int, imagenet_norm: bool) -> torch.Tensor:
+def _finish(image: torch.Tensor, channels: int, normalize: str) -> torch.Tensor:
     if channels == 3:
         image = image.expand(3, -1, -1).contiguous()
-    if imagenet_norm:
+    if normalize == "imagenet":
         mean = torch.tensor(IMAGENET_MEAN[:channels]).view(-1, 1, 1)
         std = torch.tensor(IMAGENET_STD[:channels]).view(-1, 1, 1)
         image = (image - mean) / std
+    elif normalize == "image":
+        # Each image to mean 0, std 1: the scale optimisers and default inits expect, with no
+        # statistics that sites would have to share; a blank image stays 0.
+        image = (image - image.mean()) / image.std().clamp_min(1e-6)
     return image
 
 

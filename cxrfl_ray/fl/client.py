@@ -23,7 +23,7 @@ from cxrfl_ray.data.torch_dataset import ClientImages
 from cxrfl_ray.experiment import Prepared, prepare
 from cxrfl_ray.fl.strategies import CLIENT_KEY
 from cxrfl_ray.tasks.models import create_model
-from cxrfl_ray.tasks.training import make_optimizer, seed_everything, select_device, train_local
+from cxrfl_ray.tasks.training import make_optimizer, make_scheduler, seed_everything, select_device, train_local
 
 EXPERIMENT_KEY = "experiment"  # the resolved config YAML, carried by every message
 SITE_DATA_KEY = "data-path"  # a real SuperNode's own dataset: --node-config 'data-path="/data/site"'
@@ -151,9 +151,11 @@ def fit_client(rt: Runtime, cid: int, server_round: int, proximal_mu: float = 0.
                         num_workers=cfg.data.num_workers)
     optimizer = make_optimizer(rt.model.parameters(), cfg.train)
     regulariser = _proximal_term(rt.model, proximal_mu) if proximal_mu > 0 else None
-
+    per_round = (cfg.train.steps or len(loader)) * cfg.train.epochs
+    scheduler = make_scheduler(optimizer, cfg.train, per_round * cfg.fl.rounds, per_round * (server_round - 1))
     return train_local(rt.model, loader, rt.loss_fn, optimizer, rt.device, epochs=cfg.train.epochs,
-                       steps=cfg.train.steps, first_epoch=server_round * cfg.train.epochs, regulariser=regulariser)
+                       steps=cfg.train.steps, first_epoch=server_round * cfg.train.epochs, regulariser=regulariser,
+                       scheduler=scheduler)
 
 
 def _site_data(context: Context) -> str | None:

@@ -269,6 +269,7 @@ def run_federated(cfg: ExperimentConfig | None = None, quiet: bool = False, verb
         logging.getLogger("flwr").setLevel(logging.WARNING)
         logging.getLogger("flwr").addFilter(_DropKnownNoise())
     prep = prepare(cfg)
+    cfg = prep.cfg  # with counts taken from the dataset (partition.clients: sites)
     try:  # strategy options are checked before Ray starts
         make_strategy(cfg.fl.strategy.name, dict(cfg.fl.strategy.options), num_clients=len(prep.plan.clients),
                       per_round=cfg.clients_per_round, seed=cfg.seed, client_eval=cfg.fl.client_eval)

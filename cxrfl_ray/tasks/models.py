@@ -122,11 +122,15 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 
 def load_encoder_weights(encoder: nn.Module, path: str | Path) -> None:
     """Load an encoder's weights, summing a 3-channel stem over channels when the model has 1."""
-    state = read_state_dict(path)
-    own = encoder.state_dict()
+    load_fitting(encoder, {k.removeprefix("encoder."): v for k, v in read_state_dict(path).items()}, path, "encoder")
+
+
+def load_fitting(module: nn.Module, state: dict[str, torch.Tensor], path: str | Path, what: str = "model") -> None:
+    """Load every tensor of ``state`` that fits ``module`` (a 3-channel stem summed to 1 channel);
+    the rest keeps its initialisation. A file where nothing fits is an error."""
+    own = module.state_dict()
     fitted, skipped = {}, []
     for key, value in state.items():
-        key = key.removeprefix("encoder.")
         if key not in own:
             skipped.append(key)
             continue
@@ -138,8 +142,8 @@ def load_encoder_weights(encoder: nn.Module, path: str | Path) -> None:
             continue
         fitted[key] = value
     if not fitted:
-        raise ModelError(f"no weight in {path} fits the encoder (first keys: {list(state)[:3]})")
-    encoder.load_state_dict(fitted, strict=False)
+        raise ModelError(f"no weight in {path} fits the {what} (first keys: {list(state)[:3]})")
+    module.load_state_dict(fitted, strict=False)
 
 
 # -- builders -----------------------------------------------------------------------------------
@@ -153,7 +157,11 @@ def _smp(arch: str, encoder: str) -> Callable[[int, int, str | None], nn.Module]
             encoder_weights="imagenet" if pretrained == "hub" else None,
         )
         if pretrained not in (None, "hub"):
-            load_encoder_weights(model.encoder, pretrained)
+            state = read_state_dict(pretrained)
+            if any(k.startswith(("decoder.", "segmentation_head.")) for k in state):
+                load_fitting(model, state, pretrained)  # a whole segmentation model (our own checkpoint)
+            else:
+                load_encoder_weights(model.encoder, pretrained)
         return model
 
     return build

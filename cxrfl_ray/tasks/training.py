@@ -6,6 +6,7 @@ number of epochs or steps, return what happened. Nothing here knows about Flower
 
 from __future__ import annotations
 
+import math
 import random
 from typing import Callable, Iterable
 
@@ -27,6 +28,17 @@ def make_optimizer(params: Iterable[nn.Parameter], cfg: TrainConfig) -> torch.op
     if cfg.optimizer not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {cfg.optimizer!r}; known: {sorted(OPTIMIZERS)}")
     return OPTIMIZERS[cfg.optimizer](params, cfg)
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int,
+                   done_steps: int = 0) -> torch.optim.lr_scheduler.LRScheduler | None:
+    """``cfg.lr_schedule`` over ``total_steps`` optimiser steps, starting after ``done_steps``
+    (a federated client's earlier rounds), so one schedule spans the whole run; None if constant."""
+    if cfg.lr_schedule == "constant":
+        return None
+    total = max(total_steps, 1)
+    cosine = lambda step: 0.5 * (1 + math.cos(math.pi * min(done_steps + step, total) / total))  # noqa: E731
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, cosine)
 
 
 def select_device(name: str = "auto") -> torch.device:

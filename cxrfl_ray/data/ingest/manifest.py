@@ -25,18 +25,22 @@ def row_candidate(
     images: Path,
     masks: Path | None,
     unlabeled: Sequence[str],
+    root: Path | None = None,
 ) -> Candidate | Skip:
-    """One CSV row as a Candidate, or a Skip naming the file that is missing."""
+    """One CSV row as a Candidate, or a Skip naming the file that is missing.
+
+    A path that is missing under ``images`` (or ``masks``) but exists under ``root`` is taken from
+    there: many CSVs name files relative to their own folder (``images/x.png``)."""
     filename = clean(row.get("filename"))
     if filename is None:
         return Skip(str(images), "CSV row with an empty filename")
-    image_path = images / filename
+    image_path = _find(images, root, filename)
     if not image_path.is_file():
         return Skip(str(image_path), "file listed in the CSV is missing")
     mask_paths: tuple[Path, ...] = ()
     mask_file = clean(row.get("mask_file"))
     if mask_file:
-        mask_path = (masks or images) / mask_file
+        mask_path = _find(masks or images, root, mask_file)
         if not mask_path.is_file():
             return Skip(str(mask_path), f"mask listed in the CSV for {filename} is missing")
         mask_paths = (mask_path,)
@@ -63,6 +67,13 @@ def row_candidate(
     )
 
 
+def _find(folder: Path, root: Path | None, name: str) -> Path:
+    path = folder / name
+    if not path.is_file() and root is not None and (root / name).is_file():
+        return root / name
+    return path
+
+
 def scan(
     root: Path,
     *,
@@ -79,6 +90,6 @@ def scan(
     rows = read_table(csv or root / "labels.csv", ("filename", "label"), OPTIONAL, columns)
     return [
         row_candidate(r, source=source, images=images, masks=masks if masks.is_dir() else None,
-                      unlabeled=unlabeled)
+                      unlabeled=unlabeled, root=root)
         for r in rows
     ]

@@ -43,6 +43,7 @@ class Candidate:
     sex: str | None = None
     age: float | None = None
     boxes: list[dict[str, float]] | None = None
+    source: str | None = None  # the source folder's name when one dataset joins several
 
 
 @dataclass
@@ -123,6 +124,7 @@ def _make_row(c: Candidate, label: int, split: str, source: str, opts: IngestOpt
                 {"x": b["x"] * sx, "y": b["y"] * sy, "width": b["width"] * sx, "height": b["height"] * sy}
                 for b in boxes
             ]
+    source = c.source or source
     return {
         "id": c.id,
         "source": source,
