@@ -9,7 +9,7 @@ export FLWR_TELEMETRY_ENABLED := 0
 export WANDB_MODE ?= offline
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: run test bench install clean
+.PHONY: run test bench install clean real-study
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -22,6 +22,12 @@ install: $(STAMP)
 # classification on Flower's Ray engine. Prints the run folders.
 run: $(STAMP)
 	$(BIN)/cxrfl simulate
+
+# The real-hospital study (Montgomery + Shenzhen from ../shared/data/lungseg_mc_sz): ingest,
+# segmentation (pooled, local-only, federated), mask, classification full vs masked, Grad-CAM,
+# runs/studies/real_hospitals/report.md. Rerun to continue an interrupted study.
+real-study: $(STAMP)
+	$(BIN)/cxrfl study tune_configs/real_hospitals.yaml
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -40,8 +40,10 @@ def evaluate_and_log(prep: Prepared, model, device, loss_fn, sink: MetricsSink, 
     return results
 
 
-def run_training(cfg: ExperimentConfig, local_only: int | None = None, quiet: bool = False) -> Path:
-    """Train centrally (or on one client's rows alone) and write a run folder.
+def run_training(cfg: ExperimentConfig, local_only: int | None = None, quiet: bool = False,
+                 run_dir: str | Path | None = None) -> Path:
+    """Train centrally (or on one client's rows alone) and write a run folder (``run_dir``, or a
+    new dated folder under ``out_dir``: a caller that names it can find it again).
 
     The folder holds ``config.yaml``, ``metrics.parquet`` (per epoch: train loss, validation
     metrics; at the end: test, per-site and held-out-site metrics of the best checkpoint),
@@ -56,7 +58,8 @@ def run_training(cfg: ExperimentConfig, local_only: int | None = None, quiet: bo
     device = select_device(cfg.train.device)
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
-    run = new_run_dir(cfg, kind)
+    run = new_run_dir(cfg, kind) if run_dir is None else Path(run_dir)
+    run.mkdir(parents=True, exist_ok=True)
     cfg.save(run / "config.yaml")
     sink = MetricsSink(run / "metrics.parquet")
 

@@ -64,42 +64,23 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 
 def cmd_ingest(args: argparse.Namespace) -> int:
-    from cxrfl_ray.data.ingest import LAYOUTS, IngestOptions, ingest
+    from cxrfl_ray.data.ingest import IngestOptions, ingest_sources
     from cxrfl_ray.data.ingest.rsna import LABEL_NAMES as RSNA_LABELS
 
-    roots = [Path(s) for s in args.source]
-    names = [r.resolve().name for r in roots]
-    if len(set(names)) != len(names):
-        raise SystemExit(f"error: source folders must have distinct names (they name sites and ids): {names}")
-    if len(roots) > 1 and (args.csv or args.images or args.masks):
-        raise SystemExit("error: --csv/--images/--masks name one source's files; give one source folder with them")
-    entries: list = []
-    for root, name in zip(roots, names):
-        # One folder: its name (or --name) is the source. Several: each folder is a source, and
-        # the site of rows whose CSV names none (one folder per hospital).
-        source = args.name if len(roots) == 1 and args.name else name
-        kwargs: dict = {"source": source}
-        if args.layout in ("manifest", "lungseg"):
-            kwargs.update(columns=dict(args.column or []), csv=args.csv, images=args.images)
-            kwargs.update(masks=args.masks)
-            if args.unlabeled is not None:
-                kwargs["unlabeled"] = args.unlabeled
-        elif args.layout == "rsna":
-            kwargs.update(images=args.images)
-        for entry in LAYOUTS[args.layout](root, **kwargs):
-            if len(roots) > 1 and hasattr(entry, "source"):
-                entry.source = source
-            entries.append(entry)
+    kwargs: dict = {}
+    if args.layout in ("manifest", "lungseg"):
+        kwargs.update(columns=dict(args.column or []), csv=args.csv, images=args.images, masks=args.masks)
+        if args.unlabeled is not None:
+            kwargs["unlabeled"] = args.unlabeled
+    elif args.layout == "rsna":
+        kwargs.update(images=args.images)
     labels = args.labels or (list(RSNA_LABELS) if args.layout == "rsna" else None)
     options = IngestOptions(
         label_names=labels, max_size=args.max_size, strict=args.strict, val_frac=args.val_frac,
         test_frac=args.test_frac, seed=args.seed, resize_masks=args.resize_masks,
         workers=args.workers, progress=not args.quiet,
     )
-    sources = [{"layout": args.layout, "path": str(r.resolve())} for r in roots]
-    name = args.name or "+".join(names)
-    card = ingest(entries, args.out, name=name, source=names[0] if len(roots) == 1 and not args.name else name,
-                  options=options, sources=sources)
+    card = ingest_sources(args.layout, args.source, args.out, options, name=args.name, **kwargs)
     print(summarize_card(card))
     print(f"wrote {Path(args.out).resolve()}")
     return 0
@@ -133,11 +114,23 @@ def cmd_partition(args: argparse.Namespace) -> int:
     return 0
 
 
+def preset_config(name: str, overrides: list[str]):
+    """A named preset plus ``--set`` overrides, validated."""
+    from cxrfl_ray.config import ConfigError, build_config
+    from cxrfl_ray.presets import PRESETS
+
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; presets: {', '.join(sorted(PRESETS))}")
+    return build_config(PRESETS[name], overrides, source=f"preset {name}")
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from cxrfl_ray.baseline import run_training
     from cxrfl_ray.config import load_config
 
-    cfg = load_config(args.config, args.set)
+    if args.config and args.preset:
+        raise SystemExit("error: give a config file or --preset, not both")
+    cfg = preset_config(args.preset, args.set) if args.preset else load_config(args.config, args.set)
     run = run_training(cfg, local_only=args.local_only, quiet=args.quiet)
     summary = json.loads((run / "summary.json").read_text())
     for view, metrics in summary["test"].items():
@@ -147,7 +140,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
-    from cxrfl_ray.config import build_config, load_config
+    from cxrfl_ray.config import load_config
     from cxrfl_ray.fl.engine import run_federated
     from cxrfl_ray.presets import DEFAULT_DATA_ARGS, PRESETS
 
@@ -159,10 +152,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         configs = [load_config(args.config, args.set)]
     else:
         names = [args.preset] if args.preset else ["default-segmentation", "default-classification"]
-        unknown = [n for n in names if n not in PRESETS]
-        if unknown:
-            raise ValueError(f"unknown preset {unknown[0]!r}; presets: {', '.join(sorted(PRESETS))}")
-        configs = [build_config(PRESETS[n], args.set, source=f"preset {n}") for n in names]
+        configs = [preset_config(n, args.set) for n in names]
     for cfg in configs:  # the embedded default data is generated on first use
         if cfg.data.path == PRESETS["default-segmentation"]["data"]["path"] and not Path(cfg.data.path).exists():
             from cxrfl_ray.data.synth import write_synthetic_dataset
@@ -175,7 +165,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         return 0
     for cfg in configs:
         cohort = (f"{cfg.partition.clients} clients, {cfg.clients_per_round} per round"
-                  if cfg.partition.clients != "sites" else f"one client per site, {cfg.fl.fraction:g} per round")
+                  if cfg.partition.clients != "sites" else f"one client per site, {cfg.fl.clients_per_round or f'{cfg.fl.fraction:.0%}'} per round")
         print(f"== {cfg.name}: {cfg.task}, {cfg.model.name}, {cohort}, {cfg.fl.strategy.name}, "
               f"{cfg.fl.rounds} rounds", flush=True)
         run = run_federated(cfg, quiet=args.quiet, verbose=args.verbose)
@@ -211,6 +201,15 @@ def cmd_sweep(args: argparse.Namespace) -> int:
                       overrides=args.set)
     print(f"trials: {(sweep / 'trials.parquet').resolve()}")
     print(f"report: {report(sweep).resolve()}")
+    return 0
+
+
+def cmd_study(args: argparse.Namespace) -> int:
+    from cxrfl_ray.study import run_study
+
+    out = run_study(args.spec, out=args.out, overrides=args.set, quiet=args.quiet)
+    print((out / "report.md").read_text())
+    print(f"report: {(out / 'report.md').resolve()}")
     return 0
 
 
@@ -368,6 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="centralised (pooled) or local-only training: the baselines")
     _add_config_args(p)
+    p.add_argument("--preset", help="a named preset instead of a config file (e.g. real-segmentation)")
     p.add_argument("--local-only", type=int, metavar="CLIENT", help="train on this client's rows alone")
     p.add_argument("--quiet", action="store_true", help="no per-epoch lines")
     p.set_defaults(func=cmd_train)
@@ -393,6 +393,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="validate, then print each point's resources and work; run nothing")
     p.add_argument("--throughput", type=float, help="with --dry-run: training images/s of one client, for GPU-hours")
     p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("study", help="the whole real-hospital study: ingest, segmentation (pooled, local, FL), "
+                                     "mask, classification full vs masked, Grad-CAM, report")
+    p.add_argument("spec", help="study spec YAML (e.g. tune_configs/real_hospitals.yaml)")
+    p.add_argument("--out", help="study folder (default: SPEC out_dir/name); a rerun continues an interrupted study")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", default=[],
+                   help="override a spec field, e.g. --set segmentation.set.fl.rounds=5 (repeatable)")
+    p.add_argument("--quiet", action="store_true", help="no per-round or per-epoch lines")
+    p.set_defaults(func=cmd_study)
 
     p = sub.add_parser("submit", help="run a cxrfl command on a Ray cluster (Ray Job Submission), follow it, fetch results")
     p.add_argument("--address", required=True, help="the cluster's dashboard, e.g. http://127.0.0.1:8265")

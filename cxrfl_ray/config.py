@@ -6,6 +6,7 @@ the field: ``train.lr: Input should be greater than 0``.
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any, Literal
 
@@ -253,7 +254,7 @@ def set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
 def build_config(data: dict[str, Any] | None = None, overrides: list[str] | None = None,
                  source: str = "(dict)") -> ExperimentConfig:
     """Validate a config dict plus ``key.path=value`` overrides."""
-    data = _merge({}, data or {})
+    data = copy.deepcopy(data or {})  # overrides must not change the caller's dict (e.g. PRESETS)
     for item in overrides or []:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not KEY=VALUE")

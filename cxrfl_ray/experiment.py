@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from cxrfl_ray.config import ConfigError, ExperimentConfig
+from cxrfl_ray.config import ConfigError, ExperimentConfig, build_config
 from cxrfl_ray.data.partition import PartitionError, Plan, evaluation_plan, plan_partition
 from cxrfl_ray.data.store import DatasetError, StoredDataset, open_dataset
 from cxrfl_ray.data.torch_dataset import ClientImages
@@ -53,7 +53,7 @@ class Prepared:
     def _make_images(self, rows: np.ndarray, train: bool, seed_offset: int) -> ClientImages:
         d = self.cfg.data
         return ClientImages(self.dataset, rows, task=self.task.name, size=d.size,
-                            augment=d.augment and train, seed=self.cfg.seed + seed_offset,
+                            augment=d.augment if train else False, seed=self.cfg.seed + seed_offset,
                             channels=d.channels, normalize=d.normalization, cache_mb=d.cache_mb)
 
     def loader(self, rows: np.ndarray, train: bool, seed_offset: int = 0) -> DataLoader:
@@ -80,19 +80,24 @@ def evaluate_views(prep: Prepared, model, device, loss_fn, keys) -> dict[tuple[s
 Role = Literal["simulation", "site", "server"]
 
 
-def resolve_site_clients(cfg: ExperimentConfig, ds: StoredDataset) -> ExperimentConfig:
+def resolve_site_clients(cfg: ExperimentConfig, ds: StoredDataset, role: Role = "simulation") -> ExperimentConfig:
     """``partition.clients: sites`` becomes the number of the dataset's training sites (held-out
     sites excluded), so one preset fits a federation of any size; other configs are unchanged."""
     if cfg.partition.clients != "sites":
         return cfg
+    if role != "simulation":
+        raise ConfigError("partition.clients 'sites': in a real federation the sites are the SuperNodes; "
+                          "set partition.clients to their number")
     held = set(cfg.data.holdout_sites)
-    sites = [s for s, n in ds.card["counts"]["site"].items() if n and s not in held]
+    train, meta = set(cfg.data.train_splits), ds.metadata  # a test-only site is no client
+    sites = sorted({s for s, split in zip(meta.column("site").to_pylist(), meta.column("split").to_pylist())
+                    if split in train and s not in held})
     if not sites:
         raise ConfigError(f"partition.clients 'sites': dataset {ds.path} has no training site "
                           f"(sites {sorted(ds.card['counts']['site'])}, held out {sorted(held)})")
     data = cfg.model_dump(mode="json")
     data["partition"]["clients"] = len(sites)
-    return ExperimentConfig.model_validate(data)
+    return build_config(data, source=f"(partition.clients: sites = {len(sites)} in {ds.path})")
 
 
 def prepare(cfg: ExperimentConfig, role: Role = "simulation") -> Prepared:
@@ -109,7 +114,7 @@ def prepare(cfg: ExperimentConfig, role: Role = "simulation") -> Prepared:
         raise ConfigError(f"data.path: {exc}") from None
     task = TASKS[cfg.task]
     card = ds.card
-    cfg = resolve_site_clients(cfg, ds)
+    cfg = resolve_site_clients(cfg, ds, role)
     if task.needs_masks and card.get("num_masks", 0) == 0:
         raise ConfigError(
             f"task {cfg.task!r} needs lung masks, but dataset {ds.path} has none (num_masks=0)"

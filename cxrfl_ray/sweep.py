@@ -11,6 +11,7 @@ interruption resumes its simulation from the saved round, and a finished one is 
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import itertools
 import json
@@ -93,11 +94,13 @@ class SweepSpec(_Spec):
         return space
 
 
-def load_spec(path: str | Path, overrides: list[str] | None = None) -> SweepSpec:
-    """Read a spec; ``overrides`` are ``KEY=VALUE`` on the spec, e.g. ``base.data.path=/data/x``."""
+def load_spec(path: str | Path, overrides: list[str] | None = None, model: type[BaseModel] | None = None,
+              kind: str = "sweep spec") -> Any:
+    """Read a spec; ``overrides`` are ``KEY=VALUE`` on the spec, e.g. ``base.data.path=/data/x``.
+    ``model`` validates it (default ``SweepSpec``; the study spec uses the same loader)."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"sweep spec not found: {path}")
+        raise ConfigError(f"{kind} not found: {path}")
     try:
         data = yaml.safe_load(path.read_text()) or {}
         for item in overrides or []:
@@ -105,11 +108,11 @@ def load_spec(path: str | Path, overrides: list[str] | None = None) -> SweepSpec
                 raise ConfigError(f"override {item!r} is not KEY=VALUE")
             key, value = item.split("=", 1)
             set_dotted(data, key.strip(), value)
-        return SweepSpec.model_validate(data)
+        return (model or SweepSpec).model_validate(data)
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
     except ValidationError as exc:
-        lines = [f"invalid sweep spec {path}:"]
+        lines = [f"invalid {kind} {path}:"]
         lines += [f"  {'.'.join(str(p) for p in e['loc']) or '(top level)'}: {e['msg']}" for e in exc.errors()]
         raise ConfigError("\n".join(lines)) from None
 
@@ -121,8 +124,9 @@ def base_config(spec: SweepSpec) -> dict[str, Any]:
 
 
 def apply_params(base: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
-    """The base config with ``{"train.epochs": 2, "partition": {...}}`` applied (dict values merge)."""
-    out = _merge({}, base)
+    """The base config with ``{"train.epochs": 2, "partition": {...}}`` applied (dict values merge);
+    ``base`` (often a preset's nested dicts) is left unchanged."""
+    out = copy.deepcopy(base)
     for dotted, value in params.items():
         *parents, leaf = dotted.split(".")
         node = out

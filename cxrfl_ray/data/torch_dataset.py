@@ -238,8 +238,9 @@ def _finish(image: torch.Tensor, channels: int, normalize: str) -> torch.Tensor:
         image = (image - mean) / std
     elif normalize == "image":
         # Each image to mean 0, std 1: the scale optimisers and default inits expect, with no
-        # statistics that sites would have to share; a blank image stays 0.
-        image = (image - image.mean()) / image.std().clamp_min(1e-6)
+        # statistics that sites would have to share; a flat image (std below 1e-3, float noise) stays 0.
+        std = image.std()
+        image = (image - image.mean()) / std if std > 1e-3 else image - image.mean()
     return image
 
 

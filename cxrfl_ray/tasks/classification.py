@@ -56,7 +56,9 @@ def metrics_from_proba(probs: np.ndarray, targets: np.ndarray) -> dict[str, floa
         out[f"recall_{c}"] = float(recall[c])
     present = np.unique(targets)
     if present.size == k:
-        out["auroc_macro"] = float(roc_auc_score(targets, probs, multi_class="ovr", labels=labels))
+        # Two classes: scikit-learn scores the positive class's column (its "ovr" needs k > 2).
+        out["auroc_macro"] = float(roc_auc_score(targets, probs[:, 1]) if k == 2 else
+                                   roc_auc_score(targets, probs, multi_class="ovr", labels=labels))
         for c in labels:
             out[f"auroc_{c}"] = float(roc_auc_score(targets == c, probs[:, c]))
     cm = confusion_matrix(targets, pred, labels=labels)

@@ -306,3 +306,82 @@ def test_images_of_one_patient_share_a_split(tmp_path):
         splits.setdefault(r["patient_id"], set()).add(r["split"])
     assert all(len(s) == 1 for s in splits.values()) and len(splits) == 20
     assert {next(iter(s)) for s in splits.values()} == {"train", "val", "test"}
+
+
+# -- several source folders, CSV paths relative to the CSV ----------------------------------
+
+def hospital(root: Path, rows: list[list], header=("filename", "label")) -> Path:
+    """A manifest folder: ``images/<filename>`` for every row, and labels.csv."""
+    for i, row in enumerate(rows):
+        write_png(root / "images" / row[0], gradient(16, 16, seed=len(root.name) * 10 + i))
+    write_csv(root / "labels.csv", list(header), rows)
+    return root
+
+
+def test_several_source_folders_ingest_into_one_dataset_each_a_source(tmp_path):
+    north = hospital(tmp_path / "north", [["0.png", "normal", "ward1"], ["1.png", "tb", "ward2"],
+                                          ["2.png", "normal", ""]], header=("filename", "label", "site"))
+    south = hospital(tmp_path / "in" / "south", [["0.png", "tb"], ["1.png", "normal"]])  # same names, no site column
+    out = tmp_path / "ds"
+    assert cxrfl(["ingest", "manifest", str(north), str(south), "--out", str(out), "--quiet"]) == 0
+    rows = rows_by_id(out)
+    assert sorted(rows) == ["north:0", "north:1", "north:2", "south:0", "south:1"]  # ids unique across folders
+    assert {k: (r["source"], r["site"]) for k, r in rows.items()} == {
+        "north:0": ("north", "ward1"), "north:1": ("north", "ward2"),
+        "north:2": ("north", "north"),  # a blank site in the CSV falls back to the folder
+        "south:0": ("south", "south"), "south:1": ("south", "south")}
+    np.testing.assert_array_equal(decode_png(rows["south:1"]["image"]), gradient(16, 16, seed=5 * 10 + 1))
+    assert rows["south:0"]["label_name"] == "tb" and rows["north:0"]["label_name"] == "normal"
+    card = open_dataset(out).card
+    assert card["name"] == "north+south" and card["num_rows"] == 5
+    assert [s["path"] for s in card["sources"]] == [str(north.resolve()), str(south.resolve())]
+    assert card["counts"]["site"] == {"north": 1, "south": 2, "ward1": 1, "ward2": 1}
+
+    # One folder keeps the old behaviour: the folder (or --name) is the source of every row.
+    assert cxrfl(["ingest", "manifest", str(south), "--out", str(tmp_path / "one"), "--quiet", "--name", "s"]) == 0
+    assert {(k, r["source"], r["site"]) for k, r in rows_by_id(tmp_path / "one").items()} == {
+        ("s:0", "s", "s"), ("s:1", "s", "s")}
+
+
+def test_several_source_folders_need_distinct_names_and_no_single_source_options(tmp_path, capsys):
+    a = hospital(tmp_path / "a" / "site", [["0.png", "x"]])
+    b = hospital(tmp_path / "b" / "site", [["0.png", "x"]])
+    assert cxrfl(["ingest", "manifest", str(a), str(b), "--out", str(tmp_path / "ds"), "--quiet"]) == 2
+    assert "source folders must have distinct names (they name sites and ids): ['site', 'site']" in capsys.readouterr().err
+    other = hospital(tmp_path / "other", [["0.png", "x"]])
+    assert cxrfl(["ingest", "manifest", str(a), str(other), "--out", str(tmp_path / "ds"), "--quiet",
+                  "--csv", str(a / "labels.csv")]) == 2
+    assert "name one source's files; give one source folder with them" in capsys.readouterr().err
+    assert not (tmp_path / "ds").exists()
+
+
+def test_csv_paths_relative_to_the_csv_folder_are_found_and_missing_ones_listed(tmp_path):
+    root = tmp_path / "src"
+    mask = np.zeros((20, 20), np.uint8)
+    mask[4:16, 2:9] = 255
+    write_png(root / "images" / "a.png", gradient(20, 20, seed=1))
+    write_png(root / "masks" / "a.png", mask)
+    write_png(root / "images" / "b.png", gradient(20, 20, seed=2))
+    write_png(root / "images" / "c.png", gradient(20, 20, seed=3))
+    write_csv(root / "labels.csv", ["filename", "label", "mask_file"], [
+        ["images/a.png", "x", "masks/a.png"],  # both prefixed with their folder, relative to the CSV
+        ["b.png", "x", ""],  # relative to images/, as before
+        ["images/gone.png", "x", ""],
+        ["c.png", "x", "masks/gone.png"],
+    ])
+    entries = LAYOUTS["manifest"](root, source="m")
+    card = ingest(entries, tmp_path / "ds", name="m", source="m", options=OPTS)
+    rows = rows_by_id(tmp_path / "ds")
+    assert sorted(rows) == ["m:b", "m:images/a"]
+    a = rows["m:images/a"]
+    assert Path(a["original_path"]) == root / "images" / "a.png"
+    np.testing.assert_array_equal(decode_png(a["image"]), gradient(20, 20, seed=1))
+    np.testing.assert_array_equal(decode_png(a["mask"]), mask)
+    assert rows["m:b"]["mask"] is None
+    skipped = {s["reason"]: Path(s["path"]) for s in card["skipped"]}
+    assert card["num_skipped"] == 2 and card["num_rows"] == 2
+    gone = skipped["file listed in the CSV is missing"]
+    assert gone.name == "gone.png" and gone.parent.name == "images" and root in gone.parents
+    assert skipped["mask listed in the CSV for c.png is missing"].name == "gone.png"
+    with open(tmp_path / "ds" / "skipped.csv") as fh:
+        assert sorted(Path(r["path"]).name for r in csv.DictReader(fh)) == ["gone.png", "gone.png"]

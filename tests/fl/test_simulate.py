@@ -180,3 +180,90 @@ def test_a_killed_run_resumes_to_the_same_metrics(phantoms, tmp_path, ray_sessio
         assert json.loads((resumed / "summary.json").read_text())[key] == json.loads((reference / "summary.json").read_text())[key]
     with pytest.raises(ConfigError, match="all 10 rounds are already done"):
         run_federated(resume=run)
+
+
+def test_cosine_lr_spans_the_rounds_and_a_round_redone_in_a_fresh_runtime_is_identical(phantoms, tmp_path, monkeypatch):
+    """``train.lr_schedule: cosine`` in a federation: each client's round continues one schedule
+    over all rounds (not a restart per round), derived from the round number alone, so a resumed
+    run (a fresh actor given the saved global weights) trains exactly as the uninterrupted one."""
+    import math
+
+    import torch
+
+    from cxrfl_ray.fl import client
+
+    threads = torch.get_num_threads()  # runtime() sets the actor's thread count
+    data = phantoms(n=60, size=32)
+    lr, steps, rounds = 0.01, 2, 3
+    cfg = config(data, tmp_path, data={"size": 32}, train={"lr_schedule": "cosine", "steps": steps, "lr": lr},
+                 fl={"rounds": rounds})
+    seen: list[list[float]] = []
+    real = client.train_local
+
+    def recording(model, loader, loss_fn, optimizer, device, **kwargs):
+        seen.append([])  # the rate of every optimiser step of this fit
+        optimizer.register_step_pre_hook(lambda opt, args, kw: seen[-1].append(opt.param_groups[0]["lr"]))
+        return real(model, loader, loss_fn, optimizer, device, **kwargs)
+
+    monkeypatch.setattr(client, "train_local", recording)
+    try:
+        client._RUNTIMES.clear()
+        rt = client.runtime(cfg.to_yaml())
+        weights = []
+        for rnd in range(1, rounds + 1):
+            client.fit_client(rt, 1, rnd)
+            weights.append({k: v.clone() for k, v in client.trainable_state(rt.model).items()})
+        total = steps * rounds
+        expected = [[lr * 0.5 * (1 + math.cos(math.pi * ((rnd - 1) * steps + k) / total)) for k in range(steps)]
+                    for rnd in range(1, rounds + 1)]
+        assert seen == [pytest.approx(e, rel=1e-9) for e in expected]
+        assert seen[2][-1] < lr * 0.1  # the last round ends near 0, not at the full rate again
+
+        # Resume: a fresh runtime (new actor, new model) given round 2's global weights.
+        client._RUNTIMES.clear()
+        fresh = client.runtime(cfg.to_yaml())
+        assert fresh is not rt
+        fresh.model.load_state_dict(weights[1])
+        client.fit_client(fresh, 1, 3)
+        redone = client.trainable_state(fresh.model)
+        assert all(torch.equal(redone[k], weights[2][k]) for k in weights[2])
+        assert seen[3] == seen[2]
+
+        # The same round with a constant rate trains differently (the schedule is really applied).
+        client._RUNTIMES.clear()
+        const = client.runtime(config(data, tmp_path, data={"size": 32}, train={"steps": steps, "lr": lr},
+                                      fl={"rounds": rounds}).to_yaml())
+        const.model.load_state_dict(weights[1])
+        client.fit_client(const, 1, 3)
+        assert seen[4] == [lr] * steps
+        assert not all(torch.equal(v, weights[2][k]) for k, v in client.trainable_state(const.model).items())
+    finally:
+        client._RUNTIMES.clear()
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.timeout(300)
+def test_a_cosine_run_stopped_after_a_round_resumes_to_the_same_metrics(phantoms, tmp_path, ray_session):
+    from cxrfl_ray.fl.state import saved_round
+
+    data = phantoms(n=60, size=32)
+    cfg = config(data, tmp_path, data={"size": 32}, train={"lr_schedule": "cosine", "lr": 0.05},
+                 fl={"rounds": 2, "fraction": 1.0}, partition={"clients": 2})
+    reference = run_federated(cfg, quiet=True)
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_round_1(server_round, metrics):
+        if server_round == 1:
+            raise Stop
+
+    stopped = tmp_path / "stopped"
+    with pytest.raises(RuntimeError, match="federated run failed"):
+        run_federated(cfg, quiet=True, run_dir=stopped, on_round=stop_after_round_1)
+    assert saved_round(stopped) == 1
+    resumed = run_federated(resume=stopped, quiet=True)
+    strip = lambda rows: [(r["round"], r["scope"], r["id"], r["metric"], r["value"]) for r in rows  # noqa: E731
+                          if not r["metric"].endswith("_seconds")]
+    assert strip(table(resumed)) == strip(table(reference))
+    assert {r["round"] for r in table(resumed)} == {0, 1, 2}

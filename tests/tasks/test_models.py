@@ -90,3 +90,44 @@ def test_groupnorm_replaces_every_batchnorm_and_survives_a_checkpoint(tmp_path):
     loaded, _, _ = load_checkpoint(path)
     x = torch.randn(1, 1, 64, 64)
     assert torch.allclose(loaded.eval()(x), group.eval()(x))
+
+
+@pytest.mark.parametrize("norm", ["batch", "group"])
+def test_smp_warm_start_from_our_whole_checkpoint_loads_decoder_and_encoder(tmp_path, norm):
+    from cxrfl_ray.config import build_config
+    from cxrfl_ray.tasks.checkpoint import save_checkpoint
+
+    torch.manual_seed(3)
+    donor = create_model("unet-resnet18", "segmentation", norm=norm)
+    with torch.no_grad():  # weights a fresh build cannot have by chance (BatchNorm starts at 1 and 0)
+        for p in donor.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    cfg = build_config({"task": "segmentation", "model": {"name": "unet-resnet18", "norm": norm}})
+    path = save_checkpoint(tmp_path / "donor.safetensors", donor, cfg, 1, [])
+    torch.manual_seed(4)
+    fresh = create_model("unet-resnet18", "segmentation", norm=norm)
+    torch.manual_seed(4)
+    warm = create_model("unet-resnet18", "segmentation", norm=norm, pretrained=str(path))
+    decoder_key = "decoder.blocks.0.conv1.0.weight"
+    assert not torch.equal(fresh.state_dict()[decoder_key], donor.state_dict()[decoder_key])
+    own, given = warm.state_dict(), donor.state_dict()
+    assert set(own) == set(given)
+    for key in own:  # every tensor: encoder, decoder, head, norms (and BatchNorm statistics)
+        assert torch.equal(own[key], given[key]), key
+    x = torch.randn(2, 1, 64, 64)
+    assert torch.equal(warm.eval()(x), donor.eval()(x))
+
+
+def test_smp_warm_start_from_a_plain_safetensors_state_dict_with_a_three_channel_stem(tmp_path):
+    torch.manual_seed(5)
+    donor = create_model("unet-resnet18", "segmentation", in_chans=3)
+    path = tmp_path / "smp.safetensors"
+    save_file({k: v.contiguous() for k, v in donor.state_dict().items()}, path)
+    model = create_model("unet-resnet18", "segmentation", in_chans=1, pretrained=str(path))
+    torch.testing.assert_close(model.encoder.conv1.weight, donor.encoder.conv1.weight.sum(dim=1, keepdim=True))
+    torch.testing.assert_close(model.decoder.blocks[1].conv2[0].weight, donor.decoder.blocks[1].conv2[0].weight)
+    torch.testing.assert_close(model.segmentation_head[0].weight, donor.segmentation_head[0].weight)
+    # A whole-model file where nothing fits is refused, as an encoder file is.
+    save_file({"decoder.unrelated.weight": torch.zeros(3)}, tmp_path / "junk.safetensors")
+    with pytest.raises(ModelError, match="no weight in .*junk.safetensors fits the model"):
+        create_model("unet-resnet18", "segmentation", pretrained=str(tmp_path / "junk.safetensors"))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pyarrow.parquet as pq
+import pytest
 
 from cxrfl_ray.baseline import run_training
 from cxrfl_ray.config import build_config
@@ -64,3 +65,32 @@ def test_train_writes_epoch_metrics_and_local_only_uses_one_client(tmp_path, pha
     local_summary = json.loads((local / "summary.json").read_text())
     plan = plan_partition(open_dataset(data), "iid", 4, seed=0)
     assert local_summary["train_rows"] == plan.clients[2].size and local_summary["kind"] == "local2"
+
+
+def test_make_scheduler_cosine_over_total_steps_and_continued_after_done_steps():
+    import math
+
+    import torch
+
+    from cxrfl_ray.tasks.training import make_scheduler
+
+    def lrs(total, done=0, steps=None):
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+        sched = make_scheduler(opt, build_config({"train": {"lr_schedule": "cosine"}}).train, total, done)
+        out = []
+        for _ in range(steps if steps is not None else total + 2):
+            out.append(opt.param_groups[0]["lr"])
+            opt.step()
+            sched.step()
+        return out
+
+    fresh = lrs(10)
+    expected = [0.05 * (1 + math.cos(math.pi * min(k, 10) / 10)) for k in range(12)]
+    assert fresh == pytest.approx(expected, abs=1e-12)
+    assert fresh[0] == pytest.approx(0.1) and fresh[5] == pytest.approx(0.05) and fresh[10:] == [0.0, 0.0]
+    for done in (3, 7):  # a later round of one run: step k is step done + k of the whole schedule
+        assert lrs(10, done, steps=12 - done) == pytest.approx(fresh[done:], abs=1e-12)
+    constant = build_config({"train": {"lr_schedule": "constant"}}).train
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    assert make_scheduler(opt, constant, 10) is None and make_scheduler(opt, constant, 10, 5) is None
+    assert lrs(0, steps=2) == [0.1, 0.0]  # no division by zero for an empty run
