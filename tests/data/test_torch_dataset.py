@@ -28,17 +28,23 @@ def test_classification_items_match_rows(small_dataset):
     assert torch.allclose(three[0] * 0.229 + 0.485, image[0], atol=1e-5)
 
 
-def test_segmentation_augmentation_moves_image_and_mask_together(tmp_path):
-    # An image that *is* its mask: after any paired transform they must still coincide.
-    rows = make_rows(4, size=64)
+def _images_that_are_their_masks(path, n: int):
+    """A dataset of ``n`` rows whose image *is* its mask: after any paired transform they coincide."""
+    rows = make_rows(n, size=64)
     for r in rows:
         mask = np.zeros((64, 64), np.uint8)
         mask[10:40, 5:30] = 255
         r["image"] = encode_png(mask)
         r["mask"] = encode_png(mask)
-    with DatasetWriter(tmp_path / "d", name="d", label_names=["a", "b", "c"]) as w:
+    with DatasetWriter(path, name="d", label_names=["a", "b", "c"]) as w:
         for r in rows:
             w.add(r)
+    return path
+
+
+def test_segmentation_augmentation_moves_image_and_mask_together(tmp_path):
+    # An image that *is* its mask: after any paired transform they must still coincide.
+    _images_that_are_their_masks(tmp_path / "d", 4)
     data = ClientImages(tmp_path / "d", range(4), task="segmentation", size=64, augment=True, seed=0)
     moved = 0
     for i in range(4):
@@ -200,15 +206,7 @@ def test_light_augmentation_is_seeded_per_epoch_and_differs_from_none_and_paper(
 
 
 def test_light_augmentation_moves_the_mask_with_the_image(tmp_path):
-    rows = make_rows(6, size=64)
-    for r in rows:
-        mask = np.zeros((64, 64), np.uint8)
-        mask[10:40, 5:30] = 255
-        r["image"] = encode_png(mask)
-        r["mask"] = encode_png(mask)
-    with DatasetWriter(tmp_path / "d", name="d", label_names=["a", "b", "c"]) as w:
-        for r in rows:
-            w.add(r)
+    _images_that_are_their_masks(tmp_path / "d", 6)
     data = ClientImages(tmp_path / "d", range(6), task="segmentation", size=64, augment="light", seed=0)
     original = torch.zeros(1, 64, 64)
     original[0, 10:40, 5:30] = 1
