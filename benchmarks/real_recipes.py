@@ -1,6 +1,6 @@
 """Recipe ablations on a real lung dataset with sites (issue 13): each variant is a preset plus
-overrides, trained centrally (``--mode central``) or federated (``--mode fl``), and scored by the
-test Jaccard of each site. Results go to a JSON file one variant at a time, so a rerun skips the
+overrides, trained centrally (``--mode central``) or federated (``--mode fl``), and scored on
+each site's test rows (Jaccard for segmentation, AUROC for classification). Results go to a JSON file one variant at a time, so a rerun skips the
 variants already measured (delete the file, or pass --redo, to measure again).
 
     python benchmarks/real_recipes.py runs/real/mcsz --mode fl --variants base,no_aug
@@ -55,9 +55,11 @@ def run_variant(dataset: str, preset: str, mode: str, overrides: list[str], out:
         run = run_federated(cfg, quiet=True)
         summary = json.loads((run / "summary.json").read_text())
         test = summary["final"]
-    sites = {k.split(":", 1)[1]: round(v["jaccard"], 4) for k, v in test.items() if k.startswith("site:")}
-    return {"variant": name, "mode": mode, "overrides": overrides, "sites": sites,
-            "test": round(test.get("central:test", {}).get("jaccard", float("nan")), 4),
+    metric = "jaccard" if cfg.task == "segmentation" else "auroc_macro"
+    sites = {k.split(":", 1)[1]: round(v.get(metric, float("nan")), 4) for k, v in test.items() if k.startswith("site:")}
+    return {"variant": name, "mode": mode, "overrides": overrides, "metric": metric, "sites": sites,
+            "test": round(test.get("central:test", {}).get(metric, float("nan")), 4),
+            "test_accuracy": test.get("central:test", {}).get("accuracy"),
             "best_val": summary.get("best_val", summary.get("best_value")),
             "wall_s": round(time.time() - started, 1), "run": str(run)}
 

@@ -204,6 +204,12 @@ class ExperimentConfig(Section):
         if fixed is not None and (self.fl.clients_per_round or 0) > fixed:
             raise ValueError(f"fl.clients_per_round {self.fl.clients_per_round} is more than partition.clients "
                              f"{self.partition.clients}")
+        from cxrfl_ray.tasks import TASKS
+
+        main = TASKS[self.task].main_metric
+        other = sorted(set(self.fl.thresholds) - {main})
+        if other:  # rounds-to-threshold follows the task's main metric only
+            raise ValueError(f"fl.thresholds: {other} is not the {self.task} main metric; use {{{main}: VALUE}}")
         if self.train.class_weights is not None and self.task != "classification":
             raise ValueError("train.class_weights is for classification only")
         return self

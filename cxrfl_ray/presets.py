@@ -48,17 +48,26 @@ PRESETS: dict[str, dict] = {
                   "device": "cuda"},
         "fl": {"rounds": 10, "fraction": 1.0, "client_num_gpus": 1.0},
     },
-    # Federated lung segmentation on real hospitals, one site per client (see README, Real data).
-    # Tuned on Montgomery + Shenzhen (issue 13's closing note has what each setting bought).
+    # Federated lung segmentation on real hospitals, one client per site, any number of sites.
+    # Measured on Montgomery + Shenzhen (issue 13's closing note; 128 px, 8 rounds, test Jaccard):
+    # - augment light: the paper's set (90-degree turns, 2x zoom, flips) cost 0.08 centrally
+    #   (0.830 vs 0.910); light ~ none here (0.910 vs 0.913), kept for unseen scanners;
+    # - normalize image: no change for segmentation (0.910 either way), kept for classification;
+    # - BatchNorm: 0.918 vs GroupNorm's 0.914 and 20% faster (per-image standardisation aligns the
+    #   sites' inputs, so averaged BN statistics fit); set model.norm: group for many unlike sites;
+    # - 25 local steps (not an epoch): sites of any size finish together; 10 steps: 0.897;
+    # - cosine lr over all rounds: 0.914 vs constant 0.913 (Montgomery 0.925 vs 0.918);
+    # - a phantom-pretrained start (model.pretrained) lifts round 1 (0.887 vs 0.837), not the end.
     "real-segmentation": {
         "name": "real-segmentation", "task": "segmentation", "out_dir": "runs/real",
         "data": {"path": "data/lungseg", "size": 128, "augment": "light", "normalize": "image"},
-        "model": {"name": "unet-resnet18", "norm": "group"}, "partition": {"scheme": "site", "clients": "sites"},
+        "model": {"name": "unet-resnet18", "norm": "batch"}, "partition": {"scheme": "site", "clients": "sites"},
         "train": {"optimizer": "adam", "lr": 1e-3, "batch_size": 8, "steps": 25, "lr_schedule": "cosine"},
         "fl": {"rounds": 10, "fraction": 1.0, "thresholds": {"jaccard": 0.9}},
     },
     # The study's GPU preset: the paper's UNet++ EfficientNet-B4 at 512 px, two clients packed per GPU
     # (fl.client_num_gpus 0.5). Not yet run on a GPU (issue 13's note says what it should reach).
+    # GroupNorm here: BatchNorm statistics of batches of 4 are noisy.
     "real-segmentation-gpu": {
         "name": "real-segmentation-gpu", "task": "segmentation", "out_dir": "runs/real",
         "data": {"path": "data/lungseg", "size": 512, "augment": "light", "normalize": "image", "num_workers": 2},
@@ -69,11 +78,13 @@ PRESETS: dict[str, dict] = {
         "fl": {"rounds": 15, "fraction": 1.0, "client_num_gpus": 0.5, "thresholds": {"jaccard": 0.92}},
     },
     # Normal vs tuberculosis (or any labels) on the same sites, full or lung-masked images.
+    # normalize none: with Adam and BatchNorm, per-image standardisation cost test AUROC centrally
+    # (0.824 vs 0.875, 5 epochs; Montgomery's 23 test images carry most of the gap).
     "real-classification": {
         "name": "real-classification", "task": "classification", "out_dir": "runs/real",
-        "data": {"path": "data/lungseg", "size": 128, "augment": "light", "normalize": "image"},
+        "data": {"path": "data/lungseg", "size": 128, "augment": "light", "normalize": "none"},
         "model": {"name": "resnet18"}, "partition": {"scheme": "site", "clients": "sites"},
         "train": {"optimizer": "adam", "lr": 1e-3, "batch_size": 16, "epochs": 1, "lr_schedule": "cosine"},
-        "fl": {"rounds": 10, "fraction": 1.0, "thresholds": {"auroc": 0.8}},
+        "fl": {"rounds": 10, "fraction": 1.0, "thresholds": {"accuracy": 0.8}},
     },
 }
