@@ -145,6 +145,10 @@ class FLConfig(Section):
     round_timeout: float = Field(600.0, gt=0, description="seconds to wait for a round's replies")
     client_eval: bool = Field(False, description="also evaluate on each selected client's val rows")
     thresholds: dict[str, float] = Field(default_factory=dict, description="e.g. {jaccard: 0.92}")
+    min_replies: int = Field(1, ge=1, description="a round needs this many successful (finite) client updates")
+    max_failed_rounds: int = Field(
+        1, ge=1, description="the run fails after this many consecutive rounds below fl.min_replies, "
+        "quoting the first client error")
 
 
 class FaultsConfig(Section):
