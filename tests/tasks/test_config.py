@@ -128,3 +128,25 @@ def test_overrides_leave_the_callers_dict_alone():
     rounds = PRESETS["default-classification"]["fl"]["rounds"]
     assert build_config(PRESETS["default-classification"], [f"fl.rounds={rounds + 7}"]).fl.rounds == rounds + 7
     assert PRESETS["default-classification"]["fl"]["rounds"] == rounds  # a preset is not changed by --set
+
+
+def test_load_yaml_refuses_duplicate_keys_naming_key_line_and_file(tmp_path):
+    from cxrfl_ray.config import load_yaml
+
+    path = tmp_path / "dup.yaml"
+    path.write_text("fl:\n  rounds: 3\ntrain:\n  lr: 0.1\nfl:\n  rounds: 5\n")
+    with pytest.raises(ConfigError) as err:
+        load_yaml(path)
+    assert str(err.value) == f"{path}, line 5: not valid YAML: duplicate key 'fl' (first on line 1)"
+    with pytest.raises(ConfigError, match=r"line 1: not valid YAML: duplicate key 'lr' \(first on line 1\)"):
+        load_config(_write(tmp_path / "flow.yaml", "train: {lr: 0.1, lr: 0.2}\n"))
+    # A "<<" merge may be overridden: that is YAML's own rule, not a duplicate.
+    merged = load_yaml(_write(tmp_path / "merge.yaml", "base: &b {a: 1, b: 2}\nx:\n  <<: *b\n  a: 3\n"))
+    assert merged["x"] == {"a": 3, "b": 2}
+    with pytest.raises(ConfigError, match=f"file not found: {tmp_path / 'missing.yaml'}"):
+        load_yaml(tmp_path / "missing.yaml")
+
+
+def _write(path, text):
+    path.write_text(text)
+    return path
