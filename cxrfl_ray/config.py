@@ -7,13 +7,38 @@ the field: ``train.lr: Input should be greater than 0``.
 from __future__ import annotations
 
 import copy
+import re
+import sys
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+from pydantic_core import PydanticCustomError
 
 Task = Literal["segmentation", "classification"]
+
+
+def _not_bool(value: Any) -> Any:
+    """YAML's ``true`` is a bool, and Python's bool is an int: without this check ``fl.fraction:
+    true`` would quietly be 1.0."""
+    if isinstance(value, bool):
+        raise PydanticCustomError("number_not_bool", "Input should be a number, not a boolean")
+    return value
+
+
+def _count_or_sites(value: Any) -> Any:
+    """One clear error for ``partition.clients`` instead of one per member of the union."""
+    if value == "sites" or (isinstance(value, int) and not isinstance(value, bool)):
+        return value
+    raise PydanticCustomError("count_or_sites", "Input should be a whole number or 'sites'")
+
+
+# Counts (rounds, clients, epochs, steps, sizes, seed) are strict: ``true`` or ``2.0`` or ``"3"``
+# is refused with the field named rather than read as a number. Other numbers take ints and
+# numeric strings (``1e-3`` from a dict built elsewhere) but not booleans.
+Count = Annotated[int, Field(strict=True)]
+Number = Annotated[float, BeforeValidator(_not_bool)]
 
 
 class Section(BaseModel):
@@ -24,8 +49,9 @@ class DataConfig(Section):
     """Which dataset, and how its images become tensors."""
 
     path: str = Field("runs/default/data", description="dataset folder written by cxrfl synth/ingest")
-    size: int = Field(128, ge=16, le=4096, description="images are resized to size x size")
-    channels: Literal[1, 3] = Field(1, description="3 repeats grey for ImageNet-pretrained models")
+    size: Count = Field(128, ge=16, le=4096, description="images are resized to size x size")
+    channels: Annotated[Literal[1, 3], BeforeValidator(_not_bool)] = Field(
+        1, description="3 repeats grey for ImageNet-pretrained models")
     imagenet_norm: bool = Field(False, description="normalise with ImageNet mean/std (paper, 3 channels); "
                                 "same as normalize: imagenet")
     normalize: Literal["none", "image", "imagenet"] | None = Field(
@@ -39,8 +65,8 @@ class DataConfig(Section):
     val_split: str = "val"
     test_split: str = "test"
     holdout_sites: list[str] = Field(default_factory=list, description="sites that never train")
-    num_workers: int = Field(0, ge=0, description="DataLoader worker processes")
-    cache_mb: int = Field(
+    num_workers: Count = Field(0, ge=0, description="DataLoader worker processes")
+    cache_mb: Count = Field(
         1024, ge=0, description="decoded, resized pixels kept per process (each Ray actor, the driver) "
         "so later epochs and rounds skip PNG decoding; MiB, 0 = decode every epoch"
     )
@@ -62,12 +88,12 @@ class PartitionConfig(Section):
     """How the training rows are split into clients (see docs/DATA.md, Partitions)."""
 
     scheme: Literal["iid", "dirichlet", "quantity", "site"] = "iid"
-    clients: int | Literal["sites"] = Field(
+    clients: Annotated[Count | Literal["sites"], BeforeValidator(_count_or_sites)] = Field(
         3, description="number of clients; 'sites' (scheme site only): one per training site of the dataset, "
         "counted when the dataset is opened")
-    alpha: float = Field(0.5, gt=0, description="dirichlet concentration (smaller = more label skew)")
-    power: float = Field(1.0, ge=0, description="quantity power-law exponent (larger = more size skew)")
-    min_size: int = Field(1, ge=0, description="minimum patients per client")
+    alpha: Number = Field(0.5, gt=0, description="dirichlet concentration (smaller = more label skew)")
+    power: Number = Field(1.0, ge=0, description="quantity power-law exponent (larger = more size skew)")
+    min_size: Count = Field(1, ge=0, description="minimum patients per client")
 
     def scheme_args(self) -> dict[str, float]:
         extra = {"dirichlet": {"alpha": self.alpha}, "quantity": {"power": self.power}}.get(self.scheme, {})
@@ -99,13 +125,13 @@ class TrainConfig(Section):
     """Local training: optimiser, loss, and how much work (epochs or steps)."""
 
     optimizer: Literal["adam", "adamw", "sgd", "adagrad"] = "adam"
-    lr: float = Field(1e-3, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
-    momentum: float = Field(0.9, ge=0, lt=1, description="SGD only")
-    batch_size: int = Field(8, ge=1)
-    eval_batch_size: int = Field(32, ge=1)
-    epochs: int = Field(1, ge=1, description="epochs (centralised) or local epochs per round (federated)")
-    steps: int | None = Field(
+    lr: Number = Field(1e-3, gt=0)
+    weight_decay: Number = Field(0.0, ge=0)
+    momentum: Number = Field(0.9, ge=0, lt=1, description="SGD only")
+    batch_size: Count = Field(8, ge=1)
+    eval_batch_size: Count = Field(32, ge=1)
+    epochs: Count = Field(1, ge=1, description="epochs (centralised) or local epochs per round (federated)")
+    steps: Count | None = Field(
         None, ge=1, description="an epoch is this many optimiser steps instead of one pass (comparable across client sizes)"
     )
     lr_schedule: Literal["constant", "cosine"] = Field(
@@ -114,9 +140,9 @@ class TrainConfig(Section):
     loss: Literal["dice_bce", "dice", "bce", "cross_entropy"] | None = Field(
         None, description="default: dice_bce for segmentation, cross_entropy for classification"
     )
-    class_weights: list[float] | None = Field(None, description="cross-entropy class weights")
+    class_weights: list[Number] | None = Field(None, description="cross-entropy class weights")
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    num_threads: int | None = Field(None, ge=1, description="torch CPU threads")
+    num_threads: Count | None = Field(None, ge=1, description="torch CPU threads")
 
 
 StrategyName = Literal["fedavg", "fedadam", "fedyogi", "fedadagrad", "fedprox", "fedavgm",
@@ -134,25 +160,25 @@ class StrategyConfig(Section):
 class FLConfig(Section):
     """The federation: rounds, participation, strategy, and Ray resources per client."""
 
-    rounds: int = Field(5, ge=1)
-    fraction: float = Field(1.0, gt=0, le=1, description="share of clients trained each round")
-    min_clients: int = Field(1, ge=1, description="at least this many clients per round")
-    clients_per_round: int | None = Field(None, ge=1, description="exact cohort size (then fraction is unused)")
+    rounds: Count = Field(5, ge=1)
+    fraction: Number = Field(1.0, gt=0, le=1, description="share of clients trained each round")
+    min_clients: Count = Field(1, ge=1, description="at least this many clients per round")
+    clients_per_round: Count | None = Field(None, ge=1, description="exact cohort size (then fraction is unused)")
     strategy: StrategyConfig = Field(default_factory=StrategyConfig)
-    client_num_cpus: float = Field(1.0, gt=0, description="Ray CPUs per virtual client")
-    client_num_gpus: float = Field(0.0, ge=0, description="fractional GPUs per client (0.25 packs four)")
+    client_num_cpus: Number = Field(1.0, gt=0, description="Ray CPUs per virtual client")
+    client_num_gpus: Number = Field(0.0, ge=0, description="fractional GPUs per client (0.25 packs four)")
     ray_init: dict[str, Any] = Field(default_factory=dict, description="extra ray.init arguments")
-    round_timeout: float = Field(600.0, gt=0, description="seconds to wait for a round's replies")
+    round_timeout: Number = Field(600.0, gt=0, description="seconds to wait for a round's replies")
     client_eval: bool = Field(False, description="also evaluate on each selected client's val rows")
-    thresholds: dict[str, float] = Field(default_factory=dict, description="e.g. {jaccard: 0.92}")
-    min_replies: int = Field(1, ge=1, description="a round needs this many successful (finite) client updates")
-    max_failed_rounds: int = Field(
+    thresholds: dict[str, Number] = Field(default_factory=dict, description="e.g. {jaccard: 0.92}")
+    min_replies: Count = Field(1, ge=1, description="a round needs this many successful (finite) client updates")
+    max_failed_rounds: Count = Field(
         1, ge=1, description="the run fails after this many consecutive rounds below fl.min_replies, "
         "quoting the first client error")
 
 
 class FaultsConfig(Section):
-    client_failure_rate: float = Field(0.0, ge=0, lt=1, description="seeded share of client trainings that fail")
+    client_failure_rate: Number = Field(0.0, ge=0, lt=1, description="seeded share of client trainings that fail")
     failure: Literal["raise", "exit"] = Field(
         "raise", description="how an injected failure looks: the client raises, or its process dies (as when OOM-killed)")
 
@@ -168,7 +194,7 @@ class ExperimentConfig(Section):
 
     name: str = "experiment"
     task: Task = "classification"
-    seed: int = 0
+    seed: Count = 0
     out_dir: str = "runs"
     data: DataConfig = Field(default_factory=DataConfig)
     partition: PartitionConfig = Field(default_factory=PartitionConfig)
@@ -235,12 +261,20 @@ class ConfigError(ValueError):
     """A config that cannot run; the message names each bad field."""
 
 
-def _format(exc: ValidationError, source: str) -> str:
-    lines = [f"invalid config {source}:"]
+def _format(exc: ValidationError, source: str, overrides: list[str] = ()) -> str:
+    """One line naming every bad field, its value, and the ``--set`` that gave it, if one did."""
+    parts = []
     for err in exc.errors():
         where = ".".join(str(p) for p in err["loc"]) or "(top level)"
-        lines.append(f"  {where}: {err['msg']}" + (f" (got {err['input']!r})" if "input" in err and not isinstance(err["input"], dict) else ""))
-    return "\n".join(lines)
+        text = f"{where}: {err['msg']}"
+        if "input" in err and not isinstance(err["input"], dict):
+            text += f" (got {err['input']!r})"
+        given = [o for o in overrides if where == o.split("=", 1)[0].strip() or
+                 o.split("=", 1)[0].strip().startswith(where + ".")]
+        if given:
+            text += f" from --set {given[-1]}"
+        parts.append(text)
+    return f"invalid config {source}: " + "; ".join(parts)
 
 
 def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
@@ -253,12 +287,21 @@ def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
 def set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
     """``train.lr=0.1`` style overrides; the value is parsed as YAML (numbers, lists, null)."""
     keys = dotted.split(".")
+    if not all(keys):
+        raise ConfigError(f"override {dotted!r}: a key part is empty (expected e.g. train.lr=0.1)")
     node = data
     for key in keys[:-1]:
         node = node.setdefault(key, {})
         if not isinstance(node, dict):
             raise ConfigError(f"override {dotted}: {key} is not a section")
-    node[keys[-1]] = yaml.safe_load(value) if isinstance(value, str) else value
+    if isinstance(value, str):
+        try:
+            value = yaml.load(value, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+        except yaml.YAMLError as exc:
+            problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+            raise ConfigError(f"override {dotted}={value}: the value is not valid YAML ({problem}); "
+                              f"quote it for a plain string, e.g. {dotted}='\"{value}\"'") from None
+    node[keys[-1]] = value
 
 
 def build_config(data: dict[str, Any] | None = None, overrides: list[str] | None = None,
@@ -273,7 +316,7 @@ def build_config(data: dict[str, Any] | None = None, overrides: list[str] | None
     try:
         return ExperimentConfig.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(_format(exc, source)) from None
+        raise ConfigError(_format(exc, source, overrides or [])) from None
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
@@ -297,6 +340,15 @@ class _UniqueKeyLoader(yaml.SafeLoader):
                         None, None, f"duplicate key {key!r} (first on line {first})", key_node.start_mark)
                 seen[key] = key_node.start_mark.line + 1
         return super().construct_mapping(node, deep=deep)
+
+
+# YAML 1.2's floats: PyYAML follows YAML 1.1, where ``1e-3`` (no dot) is a string, so a
+# ``fl.strategy.options`` value or a sweep bound written that way would arrive as text.
+_UniqueKeyLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$""", re.X),
+    list("-+0123456789"),
+)
 
 
 def parse_yaml(text: str, source: str = "(text)") -> Any:
@@ -333,7 +385,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     data = load_yaml(path)
-    if data is None:
+    if data is None:  # valid YAML (a template with every line commented out), but likely a mistake
+        print(f"cxrfl: warning: {path} is empty: running the built-in defaults", file=sys.stderr)
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
