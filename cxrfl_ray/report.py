@@ -18,9 +18,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
-import yaml
-
-from cxrfl_ray.config import ConfigError
+from cxrfl_ray.config import ConfigError, load_yaml
 from cxrfl_ray.plots import plot_heatmap, plot_series
 
 NOT_REACHED = "not reached"
@@ -74,20 +72,30 @@ def _rounds_cell(values: pd.Series) -> str:
     return text if len(reached) == len(values) else f"{text} ({len(reached)}/{len(values)} seeds)"
 
 
+FAILED = "ERROR"  # Tune's status of a trial whose run raised (after its retries)
+
+
 def config_table(outcomes: pd.DataFrame, swept: list[str]) -> pd.DataFrame:
-    """Trials grouped by their non-seed parameters: mean ± spread over seeds."""
+    """Trials grouped by their non-seed parameters: mean ± spread over the seeds that finished.
+    A failed trial's rounds (up to its failure) are not a result: it is counted under ``failed``
+    (a column present when any trial failed), never averaged in."""
     keys = swept or ["_all"]
     frame = outcomes.assign(_all="all") if not swept else outcomes
+    any_failed = bool((outcomes["status"] == FAILED).any())
     rows = []
     for values, group in frame.groupby(keys, sort=True, dropna=False):
         values = values if isinstance(values, tuple) else (values,)
         row = dict(zip(keys, values)) if swept else {}
+        failed = group["status"] == FAILED
+        group = group[~failed]
         row["seeds"] = len(group)
+        if any_failed:
+            row["failed"] = int(failed.sum())
         for col in ("final", "best", "min_loss"):
             if col in group:
                 row[col] = _mean_spread(group[col])
         if "rounds_to_threshold" in group:
-            row["rounds_to_threshold"] = _rounds_cell(group["rounds_to_threshold"])
+            row["rounds_to_threshold"] = _rounds_cell(group["rounds_to_threshold"]) if len(group) else "failed"
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -109,7 +117,7 @@ def report_sweep(sweep_dir: Path, threshold: float | None = None) -> Path:
     the rounds-to-threshold grid, heatmaps and curves."""
     from cxrfl_ray.sweep import SPEC_FILE, TRIALS_FILE, SweepSpec, default_metric, default_mode, trial_config
 
-    spec = SweepSpec.model_validate(yaml.safe_load((sweep_dir / SPEC_FILE).read_text()))
+    spec = SweepSpec.model_validate(load_yaml(sweep_dir / SPEC_FILE))
     first = trial_config(spec, {})
     metric = spec.metric or default_metric(first)
     mode = spec.mode or default_mode(first, metric)
@@ -129,7 +137,7 @@ def report_sweep(sweep_dir: Path, threshold: float | None = None) -> Path:
     configs.rename(columns=_label).to_csv(out / "configs.csv", index=False)
 
     lines = [f"# Sweep {spec.name}", "",
-             f"{len(outcomes)} trials ({int((outcomes['status'] == 'ERROR').sum())} failed), "
+             f"{len(outcomes)} trials ({int((outcomes['status'] == FAILED).sum())} failed), "
              f"{len(configs)} configurations; metric `{metric}` ({mode}).", ""]
     if threshold is not None and len(swept) == 2 and "rounds_to_threshold" in configs:
         lines += _rounds_grid(configs, swept, metric, mode, threshold)
@@ -138,9 +146,10 @@ def report_sweep(sweep_dir: Path, threshold: float | None = None) -> Path:
     if "error" in trials and trials["error"].notna().any():
         failed = trials.dropna(subset=["error"]).drop_duplicates("trial")
         lines += ["## Failed trials", ""] + [f"- `{r.trial}`: {r.error}" for r in failed.itertuples()] + [""]
-    lines += _heatmaps(out, outcomes, swept, metric)
-    if metric in trials:
-        lines += _curves(out, trials, swept, metric, spec.name)
+    finished = outcomes[outcomes["status"] != FAILED]  # plots show results, not runs that failed
+    lines += _heatmaps(out, finished, swept, metric)
+    if metric in trials and (trials["status"] != FAILED).any():
+        lines += _curves(out, trials[trials["status"] != FAILED], swept, metric, spec.name)
     (out / "report.md").write_text("\n".join(lines))
     return out / "report.md"
 
@@ -158,6 +167,8 @@ def _rounds_grid(configs: pd.DataFrame, swept: list[str], metric: str, mode: str
 def _heatmaps(out: Path, outcomes: pd.DataFrame, swept: list[str], metric: str) -> list[str]:
     """Final and best value for every pair of swept parameters (mean over the others)."""
     lines = []
+    if outcomes.empty:
+        return lines
     for a, b in itertools.combinations(swept, 2):
         for value in ("final", "best"):
             if value not in outcomes:

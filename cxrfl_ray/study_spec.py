@@ -8,12 +8,12 @@ import logging
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
 from cxrfl_ray.cascade import LUNG_THRESHOLD
 from cxrfl_ray.config import ConfigError, ExperimentConfig, StrategyConfig, build_config
 from cxrfl_ray.presets import PRESETS
-from cxrfl_ray.sweep import apply_params, load_spec
+from cxrfl_ray.sweep import apply_params, config_from, load_spec
 
 
 class _Spec(BaseModel):
@@ -112,6 +112,7 @@ class StudySpec(_Spec):
     classification: ClassificationSpec = Field(default_factory=ClassificationSpec)
     mask: MaskSpec = Field(default_factory=MaskSpec)
     cam: CamSpec = Field(default_factory=CamSpec)
+    _source: str = PrivateAttr("")  # the spec file, for messages (load_spec sets it)
 
     @field_validator("sources")
     @classmethod
@@ -131,15 +132,23 @@ def load_study(path: str | Path, overrides: list[str] | None = None) -> StudySpe
 
 def experiment(spec: StudySpec, section: SegmentationSpec | ClassificationSpec, name: str, data: Path,
                out: Path, strategy: StrategySpec | None = None, **fixed: Any) -> ExperimentConfig:
-    """The preset, then the spec's ``set``, the section's, the strategy's, then what the study fixes."""
-    cfg = apply_params(PRESETS[section.preset], spec.set)
-    cfg = apply_params(cfg, section.set)
-    if strategy is not None:
-        cfg = apply_params(cfg, strategy.set)
-        cfg.setdefault("fl", {})["strategy"] = {"name": strategy.name, "options": dict(strategy.options)}
-    cfg = apply_params(cfg, {"name": f"{spec.name}-{name}", "data.path": str(data), "out_dir": str(out),
-                             "tracking.group": spec.name, **fixed})
-    return build_config(cfg, source=f"study {spec.name}: {name}")
+    """The preset, then the spec's ``set``, the section's, the strategy's, then what the study fixes.
+    Errors are one line naming the spec file and the experiment."""
+    def merged() -> dict[str, Any]:
+        cfg = apply_params(PRESETS[section.preset], spec.set)
+        cfg = apply_params(cfg, section.set)
+        if strategy is not None:
+            cfg = apply_params(cfg, strategy.set)
+            cfg.setdefault("fl", {})["strategy"] = {"name": strategy.name, "options": dict(strategy.options)}
+        return apply_params(cfg, {"name": f"{spec.name}-{name}", "data.path": str(data), "out_dir": str(out),
+                                  "tracking.group": spec.name, **fixed})
+
+    return config_from(merged, f"{_where(spec)}: {name}")
+
+
+def _where(spec: StudySpec) -> str:
+    """How messages name a study: its spec file, where it was read from one."""
+    return f"study spec {spec._source}" if spec._source else f"study {spec.name}"
 
 
 def validate(spec: StudySpec, out: Path) -> None:
@@ -158,6 +167,6 @@ def validate(spec: StudySpec, out: Path) -> None:
             try:
                 make_strategy(s.name, dict(s.options), num_clients=n, per_round=n, seed=0, client_eval=False)
             except ValueError as exc:
-                raise ConfigError(f"study {spec.name}: segmentation.strategies {s.run_name}: {exc}") from None
+                raise ConfigError(f"{_where(spec)}: segmentation.strategies {s.run_name}: {exc}") from None
     finally:
         flwr_log.setLevel(level)

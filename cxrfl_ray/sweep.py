@@ -12,6 +12,7 @@ interruption resumes its simulation from the saved round, and a finished one is 
 from __future__ import annotations
 
 import copy
+import difflib
 import hashlib
 import itertools
 import json
@@ -19,15 +20,15 @@ import os
 import shutil
 import sys
 from pathlib import Path
-from typing import Any, Iterator, Literal
+from typing import Any, Callable, Iterator, Literal
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 
-from cxrfl_ray.config import ConfigError, ExperimentConfig, _merge, build_config, set_dotted
+from cxrfl_ray.config import ConfigError, ExperimentConfig, _merge, build_config, load_yaml, set_dotted
 from cxrfl_ray.presets import PRESETS
 from cxrfl_ray.tasks import TASKS
 
@@ -76,13 +77,17 @@ class SweepSpec(_Spec):
     synthesize: dict[str, Any] | None = Field(
         None, description="write_synthetic_dataset arguments (n, sites, size, seed): phantoms made at base "
                           "data.path on first use when nothing is there")
+    _source: str = PrivateAttr("")  # the spec file, for messages (load_spec sets it)
 
     @field_validator("space")
     @classmethod
     def _dimensions(cls, space: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
         for key, dim in space.items():
             if len(dim) != 1 or next(iter(dim)) not in KINDS:
-                raise ValueError(f"space.{key}: give exactly one of {', '.join(KINDS)} (got {sorted(dim)})")
+                unknown = [k for k in dim if k not in KINDS]
+                close = difflib.get_close_matches(unknown[0], KINDS, n=1) if unknown else []
+                hint = f"; did you mean {close[0]}?" if close else ""
+                raise ValueError(f"space.{key}: give exactly one of {', '.join(KINDS)} (got {sorted(dim)}{hint})")
             kind, values = next(iter(dim.items()))
             if kind in ("grid", "choice") and (not isinstance(values, list) or not values):
                 raise ValueError(f"space.{key}.{kind}: a non-empty list")
@@ -97,24 +102,61 @@ class SweepSpec(_Spec):
 def load_spec(path: str | Path, overrides: list[str] | None = None, model: type[BaseModel] | None = None,
               kind: str = "sweep spec") -> Any:
     """Read a spec; ``overrides`` are ``KEY=VALUE`` on the spec, e.g. ``base.data.path=/data/x``.
-    ``model`` validates it (default ``SweepSpec``; the study spec uses the same loader)."""
+    ``model`` validates it (default ``SweepSpec``; the study spec uses the same loader). Errors are
+    one line naming the file and each bad key (an unknown key with the closest known one)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{kind} not found: {path}")
+    data = load_yaml(path)  # invalid YAML and duplicate keys are refused, naming the file
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{kind} {path}: expected a mapping at the top level (got {type(data).__name__})")
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not KEY=VALUE")
+        key, value = item.split("=", 1)
+        set_dotted(data, key.strip(), value)
+    model = model or SweepSpec
     try:
-        data = yaml.safe_load(path.read_text()) or {}
-        for item in overrides or []:
-            if "=" not in item:
-                raise ConfigError(f"override {item!r} is not KEY=VALUE")
-            key, value = item.split("=", 1)
-            set_dotted(data, key.strip(), value)
-        return (model or SweepSpec).model_validate(data)
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        spec = model.model_validate(data)
     except ValidationError as exc:
-        lines = [f"invalid {kind} {path}:"]
-        lines += [f"  {'.'.join(str(p) for p in e['loc']) or '(top level)'}: {e['msg']}" for e in exc.errors()]
-        raise ConfigError("\n".join(lines)) from None
+        raise ConfigError(f"invalid {kind} {path}: " + "; ".join(_spec_error(model, e) for e in exc.errors())) from None
+    if "_source" in model.__private_attributes__:
+        spec._source = str(path)
+    return spec
+
+
+def _spec_error(model: type[BaseModel], error: dict[str, Any], prefix: str = "") -> str:
+    """One pydantic error as ``key: message``; an unknown key gets the closest known key's name."""
+    where = prefix + (".".join(str(p) for p in error["loc"]) or "(top level)")
+    message = error["msg"].removeprefix("Value error, ")
+    if message.startswith(f"{where}.") or message.startswith(f"{where}:"):
+        return message  # our validators name the key themselves
+    if error["type"] == "extra_forbidden":
+        return f"{where}: {message} (unknown key{_did_you_mean(model, tuple(error['loc']), prefix)})"
+    return f"{where}: {message}"
+
+
+def _did_you_mean(model: type[BaseModel], loc: tuple, prefix: str = "") -> str:
+    close = difflib.get_close_matches(str(loc[-1]), _fields_at(model, loc[:-1]), n=1)
+    return f"; did you mean {prefix}{'.'.join([*map(str, loc[:-1]), close[0]])}?" if close else ""
+
+
+def _fields_at(model: type[BaseModel], loc: tuple) -> list[str]:
+    """The field names of the (nested) spec section at ``loc``; [] where it is not a section."""
+    for part in loc:
+        field = model.model_fields.get(part) if isinstance(part, str) else None
+        section = field.annotation if field is not None else None
+        if not (isinstance(section, type) and issubclass(section, BaseModel)):
+            return []
+        model = section
+    return list(model.model_fields)
+
+
+def _where(spec: SweepSpec) -> str:
+    """How messages name a sweep: its file, where it was read from one."""
+    return f"sweep spec {spec._source}" if spec._source else f"sweep {spec.name}"
 
 
 def base_config(spec: SweepSpec) -> dict[str, Any]:
@@ -130,16 +172,36 @@ def apply_params(base: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]
     for dotted, value in params.items():
         *parents, leaf = dotted.split(".")
         node = out
-        for key in parents:
+        for i, key in enumerate(parents):
             node = node.setdefault(key, {})
+            if not isinstance(node, dict):  # e.g. seed.x: a value, not a section, cannot hold keys
+                raise ConfigError(f"{dotted}: {'.'.join(parents[:i + 1])} is not a section (it is {node!r})")
         node[leaf] = _merge(node.get(leaf) or {}, value) if isinstance(value, dict) else value
     return out
 
 
 def trial_config(spec: SweepSpec, params: dict[str, Any], source: str = "trial") -> ExperimentConfig:
-    data = apply_params(base_config(spec), params)
-    data.setdefault("tracking", {})["group"] = spec.name
-    return build_config(data, source=source)
+    def data() -> dict[str, Any]:
+        out = apply_params(base_config(spec), params)
+        out.setdefault("tracking", {})["group"] = spec.name
+        return out
+
+    return config_from(data, source)
+
+
+def config_from(make: Callable[[], dict[str, Any]], source: str) -> ExperimentConfig:
+    """``build_config(make())``, its errors (and those of making the dict) one line naming ``source``."""
+    try:
+        return build_config(make(), source=source)
+    except ConfigError as exc:
+        text = str(exc)
+        raise ConfigError(one_line(text if text.startswith("invalid config") else f"{source}: {text}")) from None
+
+
+def one_line(text: str) -> str:
+    """A multi-line config message (a header, then one indented line per field) as one line."""
+    head, *rest = [line.strip() for line in text.splitlines() if line.strip()]
+    return head + (" " + "; ".join(rest) if rest else "") if head.endswith(":") else "; ".join([head, *rest])
 
 
 def _corners(kind: str, values: Any) -> list[Any]:
@@ -147,44 +209,177 @@ def _corners(kind: str, values: Any) -> list[Any]:
     return list(values) if kind in ("grid", "choice") else [values[0], values[1] - (kind == "randint")]
 
 
+def _inside(kind: str, values: Any) -> Any:
+    """A value a random dimension draws between its ends (a fraction for uniform/loguniform), so a
+    type its ends hide is found before Tune draws it: 2 and 4 fit an int field, 2.74 does not."""
+    low, high = values
+    if kind == "randint":
+        return low + (high - 1 - low) // 2
+    for share in (0.5, 0.37, 0.123):
+        value = low * (high / low) ** share if kind == "loguniform" else low + (high - low) * share
+        if not float(value).is_integer():
+            return value
+    return value
+
+
+def _refusal(spec: SweepSpec, params: dict[str, Any], key: str) -> str | None:
+    """Why the trial config refuses ``params[key]`` (pydantic's message for that field), or None."""
+    try:
+        ExperimentConfig.model_validate(apply_params(base_config(spec), params))
+    except ValidationError as exc:
+        parts = tuple(key.split("."))
+        for error in exc.errors():
+            if tuple(map(str, error["loc"][:len(parts)])) == parts:
+                return error["msg"]
+    except (ConfigError, ValueError):
+        return None  # not this field's type: the trial checks report it
+    return None
+
+
+def _check_draws(spec: SweepSpec, first: dict[str, Any]) -> None:
+    """A random dimension must fit its field everywhere, not only at its ends (``fl.rounds:
+    {uniform: [2, 4]}`` would pass there and fail on the first trial Tune draws)."""
+    for key, dim in spec.space.items():
+        kind, values = next(iter(dim.items()))
+        if kind not in ("uniform", "loguniform", "randint"):
+            continue
+        inside = _inside(kind, values)
+        reason = _refusal(spec, {**first, key: inside}, key)
+        if reason is None or _refusal(spec, {**first, key: values[0]}, key) is not None:
+            continue  # fits, or already fails at its end (reported with the trial)
+        use = "randint or choice for whole numbers" if kind != "randint" else "choice with the allowed values"
+        raise ConfigError(f"{_where(spec)}: space.{key}.{kind} draws values such as {inside:.4g}, which "
+                          f"{key} refuses ({reason}); use {use}")
+
+
 def corner_trials(spec: SweepSpec) -> Iterator[tuple[dict[str, Any], ExperimentConfig, Any]]:
     """Every combination of the listed values and range ends, as (params, config, prepared data);
     data is prepared once per distinct (task, data, partition, seed). Raises ConfigError naming
-    the first trial that cannot run."""
+    the first trial that cannot run, or a random dimension whose draws its field refuses."""
     from cxrfl_ray.experiment import prepare
 
     keys = list(spec.space)
     choices = [_corners(*next(iter(spec.space[k].items()))) for k in keys]
+    _check_draws(spec, {k: c[0] for k, c in zip(keys, choices)})
     prepared: dict[str, Any] = {}
     for combo in itertools.product(*choices):
         params = dict(zip(keys, combo))
         label = ", ".join(f"{k}={v!r}" for k, v in params.items()) or "(base)"
-        cfg = trial_config(spec, params, source=f"sweep {spec.name} trial {label}")
+        cfg = trial_config(spec, params, source=f"{_where(spec)} trial {label}")
         key = json.dumps([cfg.task, cfg.data.model_dump(mode="json"), cfg.partition.model_dump(mode="json"), cfg.seed])
         if key not in prepared:
             try:
                 prepared[key] = prepare(cfg)
             except ConfigError as exc:
-                raise ConfigError(f"sweep {spec.name} trial {label}: {exc}") from None
+                raise ConfigError(f"{_where(spec)} trial {label}: {exc}") from None
         yield params, cfg, prepared[key]
+
+
+# One image's (segmentation) or one image per class's (classification) outputs, in the form each
+# task's ``collect`` returns them: ``summarise`` on these names every metric a trial reports.
+_EXAMPLE_OUTPUTS = {
+    "segmentation": lambda k: {"loss": np.ones(1), "tp": np.ones(1), "fp": np.zeros(1), "fn": np.zeros(1)},
+    "classification": lambda k: {"probs": np.eye(k), "targets": np.arange(k), "loss": np.zeros(k)},
+}
+
+
+def metric_names(task: str, num_classes: int) -> list[str]:
+    """The metric names a trial of ``task`` reports per view (``jaccard``, ``auroc_macro``, ...)."""
+    return sorted(TASKS[task].summarise(_EXAMPLE_OUTPUTS[task](num_classes)))
+
+
+def check_metric(spec: SweepSpec, metric: str, cfg: ExperimentConfig, prep: Any) -> None:
+    """The metric must be one a trial reports (Tune would fail every trial on its first result):
+    scope/id a view of this data (or round/server), name one of the task's metrics."""
+    example = default_metric(cfg)
+    if metric.count("/") != 2:
+        raise ConfigError(f"{_where(spec)}: metric {metric!r}: write scope/id/name, e.g. {example}")
+    scope, vid, name = metric.split("/")
+    if scope == "round" and vid == "server":
+        return  # the server's round counts (selected, replied, failures, train_loss)
+    views = [f"{s}/{i}" for s, i in prep.views]
+    if (scope, vid) not in prep.views:
+        close = difflib.get_close_matches(f"{scope}/{vid}", views, n=1)
+        raise ConfigError(f"{_where(spec)}: metric {metric!r}: no view {scope}/{vid} in this data"
+                          + (f" (did you mean {close[0]}/{name}?)" if close else "")
+                          + f"; views: {', '.join(views)}, round/server")
+    names = metric_names(cfg.task, prep.num_classes)
+    if name not in names:
+        close = difflib.get_close_matches(name, names, n=1)
+        raise ConfigError(f"{_where(spec)}: metric {metric!r}: {cfg.task} trials report no {name!r}"
+                          + (f" (did you mean {scope}/{vid}/{close[0]}?)" if close else "")
+                          + f"; metrics: {', '.join(names)}")
+
+
+def _check_keys(spec: SweepSpec) -> None:
+    """Every key of ``base`` and ``space`` must be a config key (a typo named as such, with the
+    closest key, rather than as a failing trial)."""
+    for key in spec.space:
+        loc = tuple(key.split("."))
+        known = _fields_at(ExperimentConfig, loc[:-1])  # [] inside a free-form dict (strategy options)
+        if known and loc[-1] not in known:
+            raise ConfigError(f"{_where(spec)}: space.{key}: not a config key{_did_you_mean(ExperimentConfig, loc)}")
+    try:
+        ExperimentConfig.model_validate(base_config(spec))
+    except ValidationError as exc:
+        unknown = [_spec_error(ExperimentConfig, e, "base.") for e in exc.errors() if e["type"] == "extra_forbidden"]
+        if unknown:
+            raise ConfigError(f"{_where(spec)}: {'; '.join(unknown)}") from None
 
 
 def validate(spec: SweepSpec) -> list[ExperimentConfig]:
     """Every combination of the listed values and range ends must be a valid, runnable config
-    (data present, fits the task, enough patients); raises ConfigError naming the trial."""
-    configs = [cfg for _, cfg, _ in corner_trials(spec)]
-    first = configs[0]
-    metric = spec.metric or default_metric(first)
-    if metric.count("/") != 2:
-        raise ConfigError(f"metric {metric!r}: write scope/id/name, e.g. {default_metric(first)}")
+    (data present, fits the task, enough patients), every random dimension's draws must fit their
+    field, and the metric must be one the trials report; raises ConfigError naming the trial."""
+    _check_keys(spec)
+    trials = [(cfg, prep) for _, cfg, prep in corner_trials(spec)]
+    configs = [cfg for cfg, _ in trials]
+    metric = spec.metric or default_metric(configs[0])
+    for cfg, prep in trials:
+        check_metric(spec, metric, cfg, prep)
     if spec.search == "optuna":
         if any("grid" in d for d in spec.space.values()):
-            raise ConfigError("search optuna: use choice instead of grid dimensions")
+            raise ConfigError(f"{_where(spec)}: search optuna: use choice instead of grid dimensions")
         import importlib.util
 
         if importlib.util.find_spec("optuna") is None:
             raise ConfigError("search optuna needs the optuna package (pip install optuna)")
     return configs
+
+
+def check_trials_fit(spec: SweepSpec, configs: list[ExperimentConfig], nodes: list[dict[str, float]]) -> None:
+    """Every trial's placement group (a driver bundle, then one bundle per client slot) must fit
+    on these nodes (Ray resources per node): Tune would wait for one that never fits forever,
+    behind its "insufficient resources" warning. Raises ConfigError saying what to lower."""
+    from cxrfl_ray.fl.backend import slots_in_bundles
+
+    driver = {"CPU": spec.driver_cpus, "GPU": spec.driver_gpus}
+    for cfg in configs:
+        slots = spec.client_slots or cfg.clients_per_round
+        client = {"num_cpus": cfg.fl.client_num_cpus, "num_gpus": cfg.fl.client_num_gpus}
+        fits = 0  # client slots beside the driver, at best
+        for i, node in enumerate(nodes):
+            if all(node.get(r, 0.0) + 1e-9 >= need for r, need in driver.items() if need > 0):
+                rest = [node if j != i else {r: node.get(r, 0.0) - driver.get(r, 0.0) for r in ("CPU", "GPU")}
+                        for j, node in enumerate(nodes)]
+                fits = max(fits, slots_in_bundles(rest, client))
+        if fits >= slots:
+            continue
+        have = {r: sum(n.get(r, 0.0) for n in nodes) for r in ("CPU", "GPU")}
+        largest = {r: max((n.get(r, 0.0) for n in nodes), default=0.0) for r in ("CPU", "GPU")}
+        each = {"CPU": cfg.fl.client_num_cpus, "GPU": cfg.fl.client_num_gpus}
+        need = {r: driver[r] + slots * each[r] for r in ("CPU", "GPU")}
+        short = [r for r in ("CPU", "GPU") if need[r] > have[r] + 1e-9 or max(driver[r], each[r]) > largest[r] + 1e-9] \
+            or [r for r in ("CPU", "GPU") if need[r] > 0]
+        knobs = {"CPU": ["fl.client_num_cpus", "driver_cpus"], "GPU": ["fl.client_num_gpus", "driver_gpus"]}
+        lower = ["client_slots" if spec.client_slots else "fl.clients_per_round (or set client_slots)"] \
+            + [k for r in short for k in knobs[r]]
+        raise ConfigError(
+            f"{_where(spec)}: a trial's placement group needs {need['CPU']:g} CPUs and {need['GPU']:g} GPUs "
+            f"(driver_cpus {driver['CPU']:g}, driver_gpus {driver['GPU']:g}, plus {slots} client slot(s) of "
+            f"fl.client_num_cpus {each['CPU']:g}, fl.client_num_gpus {each['GPU']:g}), but this Ray cluster "
+            f"({have['CPU']:g} CPUs, {have['GPU']:g} GPUs on {len(nodes)} node(s)) fits {fits} client slot(s) "
+            f"beside the driver, and Tune would wait for it forever: lower {', '.join(lower)}")
 
 
 def estimate_cost(spec: SweepSpec, throughput: float | None = None) -> list[dict[str, Any]]:
@@ -271,15 +466,15 @@ def _trainable(spec: SweepSpec, sweep_dir: Path):
         run_dir = sweep_dir / "trials" / trial_name(params)
         (sweep_dir / "trials").mkdir(parents=True, exist_ok=True)
         (run_dir.with_suffix(".params.json")).write_text(json.dumps(params, sort_keys=True, default=str))
-        attempts = run_dir.with_suffix(".attempts")  # Tune's retries, counted where the report can see them
-        attempts.write_text(str(int(attempts.read_text()) + 1 if attempts.is_file() else 1))
 
         def report(rnd: int, metrics: dict[str, float]) -> None:
             tune.report({**metrics, "round": rnd, "run_dir": str(run_dir)})
 
         if (run_dir / "summary.json").is_file():  # finished before an interruption: report, don't rerun
             report(cfg.fl.rounds, _final_metrics(run_dir))
-            return
+            return  # nothing ran: not an attempt
+        attempts = run_dir.with_suffix(".attempts")  # Tune's retries, counted where the report can see them
+        attempts.write_text(str(int(attempts.read_text()) + 1 if attempts.is_file() else 1))
         done = saved_round(run_dir)
         try:
             if done is not None and done < cfg.fl.rounds:
@@ -324,7 +519,8 @@ def with_absolute_paths(spec: SweepSpec) -> SweepSpec:
 
 def make_phantoms(spec: SweepSpec) -> None:
     """The spec's synthetic data, written on first use (so smoke sweeps run on a fresh checkout)."""
-    path = base_config(spec).get("data", {}).get("path")
+    data = base_config(spec).get("data")
+    path = data.get("path") if isinstance(data, dict) else None  # a bad data section is validate's to report
     if spec.synthesize is not None and path and not Path(path).exists():
         from cxrfl_ray.data.synth import write_synthetic_dataset
 
@@ -346,7 +542,6 @@ def run_sweep(spec_path: str | Path, *, out: str | Path | None = None, resume: b
     tune_dir = sweep_dir / TUNE_DIR
     if not resume and sweep_dir.exists() and any(sweep_dir.iterdir()):
         raise ConfigError(f"sweep folder {sweep_dir} exists; continue it with --resume, or pick another --out")
-    sweep_dir.mkdir(parents=True, exist_ok=True)
     if resume and (sweep_dir / SPEC_FILE).is_file():
         # Fields added since the sweep started count as their defaults (so it still resumes).
         saved = {**SweepSpec.model_construct(name=spec.name).model_dump(mode="json"),
@@ -356,8 +551,6 @@ def run_sweep(spec_path: str | Path, *, out: str | Path | None = None, resume: b
                              if saved.get(k) != spec.model_dump(mode="json").get(k))
             raise ConfigError(f"--resume: {spec_path} differs from the spec this sweep started with "
                               f"({sweep_dir / SPEC_FILE}) in: {', '.join(changed)}")
-    (sweep_dir / SPEC_FILE).write_text(yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False))
-    spec = with_absolute_paths(spec)
 
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # our one line per round instead of Tune's tables
     import ray
@@ -367,9 +560,15 @@ def run_sweep(spec_path: str | Path, *, out: str | Path | None = None, resume: b
 
     if not ray.is_initialized():
         start_ray(**({**spec.ray_init, "address": address} if address else spec.ray_init))
+    if (address or spec.ray_init.get("address") or os.environ.get("RAY_ADDRESS") or "local") == "local":
+        # A local Ray is all there will be; a cluster we join may add nodes (autoscaling) while trials wait.
+        check_trials_fit(spec, configs, [n["Resources"] for n in ray.nodes() if n.get("Alive")])
     from cxrfl_ray.fl.backend import release_idle_actors
 
     release_idle_actors()  # actors kept from earlier simulations in this process hold CPUs trials need
+    sweep_dir.mkdir(parents=True, exist_ok=True)  # only now: a refused sweep leaves no folder behind
+    (sweep_dir / SPEC_FILE).write_text(yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False))
+    spec = with_absolute_paths(spec)
     metric = spec.metric or default_metric(first)
     mode = spec.mode or default_mode(first, metric)
     trainable = tune.with_resources(_trainable(spec, sweep_dir.resolve()), _resources(spec))
