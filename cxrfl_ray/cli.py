@@ -46,6 +46,8 @@ def summarize_card(card: dict) -> str:
         lines.append(f"  skipped {s['path']}: {s['reason']}")
     if card.get("num_skipped", 0) > 10:
         lines.append(f"  ... {card['num_skipped'] - 10} more in skipped.csv")
+    from cxrfl_ray.data.writer import card_lines  # flagged rows and notes (issue 14)
+    lines += card_lines(card)
     return "\n".join(lines)
 
 
@@ -124,14 +126,65 @@ def preset_config(name: str, overrides: list[str]):
     return build_config(PRESETS[name], overrides, source=f"preset {name}")
 
 
-def cmd_train(args: argparse.Namespace) -> int:
-    from cxrfl_ray.baseline import run_training
-    from cxrfl_ray.config import load_config
+def builtin_data(preset: str, overrides: list[str]) -> bool:
+    """Whether a preset's config reads the built-in phantoms: the preset names them and no
+    ``--set`` replaced its data path. Decided from where the value comes from, not from its text,
+    so a user's path (even one equal to the default) is never filled with phantoms."""
+    import copy
+
+    from cxrfl_ray.config import set_dotted
+    from cxrfl_ray.presets import DEFAULT_DATA, PRESETS
+
+    if PRESETS[preset].get("data", {}).get("path") != DEFAULT_DATA:
+        return False
+    probe = copy.deepcopy(PRESETS[preset])
+    unset = probe["data"]["path"] = object()  # survives only if no override touches data.path
+    for item in overrides:
+        key, _, value = item.partition("=")
+        set_dotted(probe, key.strip(), value)
+    data = probe.get("data")
+    return isinstance(data, dict) and data.get("path") is unset
+
+
+def resolve_configs(args: argparse.Namespace, default: list[str]) -> list[tuple]:
+    """``(config, reads the built-in phantoms)`` for a command's CONFIG, ``--preset`` or default
+    presets, with ``--set`` applied."""
+    from cxrfl_ray.config import ConfigError, load_config
 
     if args.config and args.preset:
-        raise SystemExit("error: give a config file or --preset, not both")
-    cfg = preset_config(args.preset, args.set) if args.preset else load_config(args.config, args.set)
-    run = run_training(cfg, local_only=args.local_only, quiet=args.quiet)
+        raise ConfigError("give a config file or --preset, not both")
+    if args.config:
+        return [(load_config(args.config, args.set), False)]
+    names = [args.preset] if args.preset else default
+    if not names:
+        return [(load_config(None, args.set), False)]
+    return [(preset_config(n, args.set), builtin_data(n, args.set)) for n in names]
+
+
+def ready_data(configs: list[tuple], quiet: bool) -> None:
+    """Generate the built-in phantoms on first use; any other ``data.path`` must exist (checked
+    here, before a run folder or Ray)."""
+    from cxrfl_ray.config import ConfigError
+
+    for cfg, builtin in configs:
+        path = cfg.data.path
+        if "://" in path or Path(path).exists():
+            continue
+        if not builtin:
+            raise ConfigError(f"data.path: {path} does not exist")
+        from cxrfl_ray.data.synth import write_synthetic_dataset
+        from cxrfl_ray.presets import DEFAULT_DATA_ARGS
+
+        print(f"generating the default phantoms in {path}", flush=True)
+        write_synthetic_dataset(path, **DEFAULT_DATA_ARGS, progress=not quiet)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from cxrfl_ray.baseline import run_training
+
+    configs = resolve_configs(args, default=[])
+    ready_data(configs, args.quiet)
+    run = run_training(configs[0][0], local_only=args.local_only, quiet=args.quiet)
     summary = json.loads((run / "summary.json").read_text())
     for view, metrics in summary["test"].items():
         print(f"  {view}: {summary['main_metric']} {metrics.get(summary['main_metric'], float('nan')):.4f}")
@@ -140,30 +193,31 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
-    from cxrfl_ray.config import load_config
-    from cxrfl_ray.fl.engine import run_federated
-    from cxrfl_ray.presets import DEFAULT_DATA_ARGS, PRESETS
+    from cxrfl_ray.config import ConfigError
 
     if args.resume:
+        given = [what for what, there in (("a CONFIG file", args.config), ("--preset", args.preset),
+                                          ("--set", args.set)) if there]
+        if given:  # they would be ignored: a resumed run keeps the settings its rounds were trained with
+            raise ConfigError(f"--resume {args.resume} continues with that run's own config.yaml; "
+                              f"{' and '.join(given)} cannot be given with it (start a new run instead)")
+        if not Path(args.resume).is_dir():
+            raise ConfigError(f"--resume {args.resume}: no such run folder")
+        from cxrfl_ray.fl.engine import run_federated
+
         run = run_federated(resume=args.resume, quiet=args.quiet, verbose=args.verbose)
         print(f"results: {run.resolve()}")
         return 0
-    if args.config:
-        configs = [load_config(args.config, args.set)]
-    else:
-        names = [args.preset] if args.preset else ["default-segmentation", "default-classification"]
-        configs = [preset_config(n, args.set) for n in names]
-    for cfg in configs:  # the embedded default data is generated on first use
-        if cfg.data.path == PRESETS["default-segmentation"]["data"]["path"] and not Path(cfg.data.path).exists():
-            from cxrfl_ray.data.synth import write_synthetic_dataset
-
-            print(f"generating the default phantoms in {cfg.data.path}", flush=True)
-            write_synthetic_dataset(cfg.data.path, **DEFAULT_DATA_ARGS, progress=not args.quiet)
-    if args.print_config:
-        for cfg in configs:
+    configs = resolve_configs(args, default=["default-segmentation", "default-classification"])
+    if args.print_config:  # nothing runs, so a missing data path is not an error here
+        ready_data([c for c in configs if c[1]], args.quiet)
+        for cfg, _ in configs:
             print(cfg.to_yaml())
         return 0
-    for cfg in configs:
+    ready_data(configs, args.quiet)
+    from cxrfl_ray.fl.engine import run_federated
+
+    for cfg, _ in configs:
         cohort = (f"{cfg.partition.clients} clients, {cfg.clients_per_round} per round"
                   if cfg.partition.clients != "sites" else f"one client per site, {cfg.fl.clients_per_round or f'{cfg.fl.fraction:.0%}'} per round")
         print(f"== {cfg.name}: {cfg.task}, {cfg.model.name}, {cohort}, {cfg.fl.strategy.name}, "
@@ -478,13 +532,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     from cxrfl_ray.data.ingest.pipeline import IngestError
     from cxrfl_ray.data.partition import PartitionError
     from cxrfl_ray.data.store import DatasetError
+    from cxrfl_ray.jobs import ClusterError
     from cxrfl_ray.tasks.checkpoint import CheckpointError
     from cxrfl_ray.tasks.models import ModelError
 
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, IngestError, PartitionError, DatasetError, CheckpointError, ModelError,
+    except (ConfigError, IngestError, PartitionError, DatasetError, CheckpointError, ModelError, ClusterError,
             FileExistsError, FileNotFoundError, ValueError) as exc:
         if os.environ.get("CXRFL_DEBUG"):
             raise

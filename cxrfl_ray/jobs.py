@@ -23,6 +23,7 @@ import tarfile
 import tempfile
 import time
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
 
 REMOTE_ROOT = "$HOME/cxrfl-runs"
@@ -36,10 +37,55 @@ def _passed_on() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k.startswith("CXRFL_")}
 
 
-def _client(address: str):
-    from ray.job_submission import JobSubmissionClient
+class ClusterError(RuntimeError):
+    """The cluster's dashboard cannot be reached (nothing listens, or the connection dropped)."""
 
-    return JobSubmissionClient(address)
+
+def _reason(exc: BaseException) -> str:
+    """The innermost cause of a connection failure (``[Errno 111] Connection refused``), not the
+    chain of library wrappers around it."""
+    while exc.__cause__ is not None or exc.__context__ is not None:
+        exc = exc.__cause__ or exc.__context__
+    return str(exc) or type(exc).__name__
+
+
+@contextmanager
+def _reaching(address: str):
+    """Turn a connection failure while talking to ``address`` into one ClusterError line."""
+    import requests
+
+    try:
+        yield
+    except (ConnectionError, requests.exceptions.ConnectionError, requests.exceptions.Timeout) as exc:
+        raise ClusterError(f"no Ray cluster answers at {address} ({_reason(exc)}); is the dashboard "
+                           "address right (e.g. http://HEAD:8265) and the cluster up?") from None
+
+
+class _Cluster:
+    """Ray's JobSubmissionClient, with every call's connection failure one ClusterError (Ray's
+    own is five chained tracebacks: socket, urllib3, requests, Ray)."""
+
+    def __init__(self, address: str) -> None:
+        from ray.job_submission import JobSubmissionClient
+
+        self.address = address
+        with _reaching(address):
+            self._client = JobSubmissionClient(address)
+
+    def __getattr__(self, name: str):
+        attr = getattr(self._client, name)
+        if not callable(attr):
+            return attr
+
+        def call(*args, **kwargs):
+            with _reaching(self.address):
+                return attr(*args, **kwargs)
+
+        return call
+
+
+def _client(address: str) -> _Cluster:
+    return _Cluster(address)
 
 
 def stage_inputs(args: list[str], staging: Path) -> list[str]:
@@ -67,9 +113,9 @@ def sweep_folder(args: list[str], remote_root: str = REMOTE_ROOT) -> str | None:
         return None
     if "--out" in args:
         return args[args.index("--out") + 1]
-    import yaml
+    from cxrfl_ray.config import load_yaml
 
-    name = (yaml.safe_load(Path(args[1]).read_text()) or {}).get("name", Path(args[1]).stem)
+    name = (load_yaml(args[1]) or {}).get("name", Path(args[1]).stem)
     return f"{remote_root}/sweeps/{name}"
 
 
@@ -142,12 +188,13 @@ def submit(address: str, args: list[str], *, remote_root: str = REMOTE_ROOT, pyt
     without waiting when ``follow`` is False and no ``fetch``/``timeout`` is asked for)."""
     if not args:
         raise ValueError("nothing to submit: give a cxrfl command after --, e.g. -- sweep tune_configs/smoke.yaml")
+    client = _client(address)  # an unreachable cluster is said before anything is packed
     with tempfile.TemporaryDirectory(prefix="cxrfl-job-") as staging:
         staged = stage_inputs(list(args), Path(staging))
         files = bundle(Path(staging))
     remote_sweep = sweep_folder(args, remote_root)
     submission_id = f"cxrfl-{uuid.uuid4().hex[:12]}"
-    job_id = _client(address).submit_job(
+    job_id = client.submit_job(
         entrypoint=entrypoint(staged, f"{remote_root}/jobs/{submission_id}", files, remote_root, python),
         submission_id=submission_id,
         runtime_env={"env_vars": {**JOB_ENV, **_passed_on(), **(env or {})}},

@@ -1,10 +1,11 @@
-"""Apply a trained checkpoint to new images: masks as PNGs at the input size (segmentation) or
-class probabilities in a CSV (classification). Inputs: a dataset folder, a folder of
-PNG/JPEG/DICOM files, or one file."""
+"""Apply a trained checkpoint to new images: masks as PNGs at the input size, one distinct file
+per input, listed in ``masks.csv`` (segmentation), or class probabilities in a CSV
+(classification). Inputs: a dataset folder, a folder of PNG/JPEG/DICOM files, or one file."""
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 from pathlib import Path
 from typing import Iterator
@@ -49,10 +50,31 @@ def _mask_name(name: str) -> str:
     return name.replace(":", "_").replace("/", "__").rsplit(".", 1)[0] + "_mask.png"
 
 
+def unique_mask_name(name: str, used: set[str]) -> str:
+    """The mask file for input ``name``, distinct from every name in ``used`` (then added to it).
+
+    Flattening folders and dropping the extension maps ``x.png`` and ``x.jpg``, or ``sub/b.png``
+    and ``sub__b.png``, to one file; the later one gets a short hash of its own name, so the same
+    inputs always give the same files and none overwrites another."""
+    candidate = _mask_name(name)
+    if candidate in used:
+        stem = candidate[: -len("_mask.png")]
+        digest = hashlib.sha1(name.encode()).hexdigest()
+        candidate = f"{stem}-{digest[:8]}_mask.png"
+        n = 1
+        while candidate in used:  # only a crafted name can take a hashed one first
+            candidate, n = f"{stem}-{digest[:8]}-{n}_mask.png", n + 1
+    used.add(candidate)
+    return candidate
+
+
 @torch.no_grad()
 def predict(checkpoint: str | Path, source: str | Path, out: str | Path, batch_size: int = 16,
             threshold: float = 0.5, device: str = "auto") -> dict:
     """Run the checkpoint over ``source``; returns a small summary (counts, paths)."""
+    source = Path(source)
+    if not source.exists():  # before --out is made: a typo leaves nothing behind
+        raise FileNotFoundError(f"input not found: {source}")
     dev = select_device(device)
     model, cfg, meta = load_checkpoint(checkpoint, device=dev)
     model.eval()
@@ -61,6 +83,7 @@ def predict(checkpoint: str | Path, source: str | Path, out: str | Path, batch_s
     labels = json.loads(meta["label_names"])
     skipped: list[dict] = []
     rows: list[list] = []
+    used: set[str] = set()
     count = 0
     batch: list[tuple[str, np.ndarray]] = []
 
@@ -72,14 +95,16 @@ def predict(checkpoint: str | Path, source: str | Path, out: str | Path, batch_s
             for (name, pixels), logit in zip(batch, logits):
                 prob = nnf.interpolate(logit[None].sigmoid(), size=pixels.shape, mode="bilinear", align_corners=False)
                 mask = (prob[0, 0] > threshold).cpu().numpy().astype(np.uint8) * 255
-                (out / _mask_name(name)).write_bytes(encode_png(mask))
+                file = unique_mask_name(name, used)
+                (out / file).write_bytes(encode_png(mask))
+                rows.append([name, file])
         else:
             for (name, _), p in zip(batch, logits.softmax(dim=1).cpu().numpy()):
                 rows.append([name, *[f"{v:.6f}" for v in p], labels[int(p.argmax())] if labels else int(p.argmax())])
         count += len(batch)
         batch.clear()
 
-    for item in iter_inputs(Path(source), skipped):
+    for item in iter_inputs(source, skipped):
         batch.append(item)
         if len(batch) == batch_size:
             flush()
@@ -93,6 +118,12 @@ def predict(checkpoint: str | Path, source: str | Path, out: str | Path, batch_s
             writer.writerow(["image", *[f"p_{n}" for n in names], "predicted"])
             writer.writerows(rows)
         result["csv"] = str(out / "predictions.csv")
+    else:  # which input each mask belongs to (names are flattened, and made unique)
+        with open(out / "masks.csv", "w", newline="") as fh:
+            writer = csv.writer(fh)
+            writer.writerow(["image", "mask"])
+            writer.writerows(rows)
+        result["csv"] = str(out / "masks.csv")
     if skipped:
         with open(out / "skipped.csv", "w", newline="") as fh:
             writer = csv.DictWriter(fh, fieldnames=["path", "reason"])

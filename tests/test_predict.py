@@ -78,7 +78,8 @@ def test_bad_checkpoint_and_input_fail_clearly(checkpoints, tmp_path, capsys):
     assert cxrfl(["predict", str(tmp_path / "x.safetensors"), str(tmp_path), "--out", str(tmp_path / "o")]) == 2
     assert "not a safetensors checkpoint" in capsys.readouterr().err
     assert cxrfl(["predict", str(checkpoints["segmentation"]), str(tmp_path / "none"), "--out", str(tmp_path / "o")]) == 2
-    assert "input not found" in capsys.readouterr().err
+    assert capsys.readouterr().err == f"cxrfl predict: error: input not found: {tmp_path / 'none'}\n"
+    assert not (tmp_path / "o").exists()  # no output folder for an input that is not there
 
 
 def test_train_refuses_bad_configs_before_starting(tmp_path, phantoms, capsys):
