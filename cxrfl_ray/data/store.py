@@ -71,17 +71,9 @@ class StoredDataset:
             if self.fs.get_file_info(root).type != pafs.FileType.Directory:
                 raise DatasetError(f"dataset folder not found: {self.path}")
             raise DatasetError(f"{self.path} is not a cxrfl dataset: {CARD_NAME} is missing")
-        with self.fs.open_input_stream(card_path) as fh:
-            self.card: dict[str, Any] = json.loads(fh.read())
-        version = self.card.get("schema_version")
-        if version != SCHEMA_VERSION:
-            raise DatasetError(
-                f"{self.path}/{CARD_NAME}: schema_version {version} is not supported (expected {SCHEMA_VERSION})"
-            )
-        if self._local:
-            self._files = [pq.ParquetFile(f"{root}/{s}", memory_map=True) for s in self.card["shards"]]
-        else:
-            self._files = [pq.ParquetFile(self.fs.open_input_file(f"{root}/{s}")) for s in self.card["shards"]]
+        self.card: dict[str, Any] = self._read_card(card_path)
+        self._shard_paths = [f"{root}/{s}" for s in self.card["shards"]]
+        self._files = [self._open_shard(p) for p in self._shard_paths]
         # Global row offset of each (shard, row group), for locating a row id.
         starts, locs = [], []
         offset = 0
@@ -98,6 +90,50 @@ class StoredDataset:
                 f"{self.path}: shards hold {offset} rows but {CARD_NAME} says {self.card['num_rows']}"
             )
 
+    def _read_card(self, card_path: str) -> dict[str, Any]:
+        """The card, checked enough that later reads cannot fail on its shape."""
+        where = f"{self.path}/{CARD_NAME}"
+        try:
+            with self.fs.open_input_stream(card_path) as fh:
+                card = json.loads(fh.read())
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise DatasetError(f"{where}: not valid JSON ({exc}); re-create the dataset") from None
+        except OSError as exc:
+            raise DatasetError(f"{where}: cannot read ({exc})") from None
+        if not isinstance(card, dict):
+            raise DatasetError(f"{where}: holds a JSON {type(card).__name__}, not a dataset card (an object)")
+        version = card.get("schema_version")
+        if version != SCHEMA_VERSION:
+            raise DatasetError(f"{where}: schema_version {version} is not supported (expected {SCHEMA_VERSION})")
+        for key, kind, what in (("name", str, "a name"), ("counts", dict, "an object of counts"),
+                                ("shards", list, "a list of shard file names"),
+                                ("num_rows", int, "a row count"),
+                                ("label_names", list, "a list of label names")):
+            if not isinstance(card.get(key), kind) or isinstance(card.get(key), bool):
+                found = "missing" if key not in card else f"{card[key]!r} is not {what}"
+                raise DatasetError(f"{where}: {key!r} {found}; re-create the dataset")
+        if not all(isinstance(s, str) for s in card["shards"]):
+            raise DatasetError(f"{where}: 'shards' {card['shards']!r} is not a list of shard file names")
+        return card
+
+    def _open_shard(self, path: str) -> pq.ParquetFile:
+        """A shard's footer; DatasetError naming the file where it is missing, truncated or not Parquet."""
+        try:
+            if self._local:
+                return pq.ParquetFile(path, memory_map=True)
+            return pq.ParquetFile(self.fs.open_input_file(path))
+        except FileNotFoundError:
+            raise DatasetError(f"{path}: shard listed in {CARD_NAME} is missing") from None
+        except (OSError, pa.ArrowException) as exc:
+            raise DatasetError(f"{path}: not a readable Parquet shard (truncated or corrupt: {exc})") from None
+
+    def _read(self, si: int, read, what: str) -> pa.Table:
+        """One read of shard ``si``; corrupt pages become a DatasetError naming the shard."""
+        try:
+            return read()
+        except (OSError, pa.ArrowException) as exc:
+            raise DatasetError(f"{self._shard_paths[si]}: cannot read {what} (corrupt shard: {exc})") from None
+
     @property
     def label_names(self) -> list[str]:
         return list(self.card["label_names"])
@@ -105,7 +141,8 @@ class StoredDataset:
     @cached_property
     def metadata(self) -> pa.Table:
         """All rows' metadata columns (no pixels), in row-id order."""
-        tables = [f.read(columns=list(METADATA_COLUMNS)) for f in self._files]
+        tables = [self._read(si, lambda f=f: f.read(columns=list(METADATA_COLUMNS)), "the metadata")
+                  for si, f in enumerate(self._files)]
         if not tables:
             return pa.table({c: [] for c in METADATA_COLUMNS})
         return pa.concat_tables(tables)
@@ -122,7 +159,8 @@ class StoredDataset:
         position = 0
         for g in groups:
             si, gi = self._group_locs[g]
-            part = self._files[si].read_row_group(gi, columns=list(columns) if columns else None)
+            part = self._read(si, lambda si=si, gi=gi: self._files[si].read_row_group(
+                gi, columns=list(columns) if columns else None), f"row group {gi}")
             parts.append(part)
             base[int(g)] = position
             position += part.num_rows

@@ -8,7 +8,6 @@ into the same output replaces the old dataset in one step.
 from __future__ import annotations
 
 import csv
-import json
 import os
 import shutil
 import tempfile
@@ -22,6 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from cxrfl_ray.data.schema import SCHEMA, SCHEMA_VERSION, SPLITS
+from cxrfl_ray.jsonio import write_json
 
 CARD_NAME = "dataset.json"
 SKIPPED_NAME = "skipped.csv"
@@ -61,6 +61,8 @@ class DatasetWriter:
         self.row_group_rows = row_group_rows
         self.extra = extra or {}
         self.skipped: list[dict[str, str]] = []
+        self.flagged: list[dict[str, str]] = []
+        self.notes: list[dict[str, str]] = []
         self._rows: list[dict[str, Any]] = []
         self._shards: list[str] = []
         self._ids: set[str] = set()
@@ -115,6 +117,14 @@ class DatasetWriter:
         """Record a source file that was not ingested, with the reason."""
         self.skipped.append({"path": str(path), "reason": reason})
 
+    def flag(self, row_id: str, path: str | Path, reason: str) -> None:
+        """Record a row that was kept but looks wrong (constant image, mask dropped), with why."""
+        self.flagged.append({"id": row_id, "path": str(path), "reason": reason})
+
+    def note(self, path: str | Path, note: str) -> None:
+        """Record how a source file was read where it matters (e.g. a CSV decoded as cp1252)."""
+        self.notes.append({"path": str(path), "note": note})
+
     @property
     def num_rows(self) -> int:
         return len(self._ids)
@@ -168,6 +178,9 @@ class DatasetWriter:
             "shards": self._shards,
             "num_skipped": len(self.skipped),
             "skipped": self.skipped,
+            "num_flagged": len(self.flagged),
+            "flagged": self.flagged,
+            "notes": self.notes,
             **self.extra,
         }
 
@@ -179,7 +192,19 @@ class DatasetWriter:
             writer.writerows(self.skipped)
         card = self.card()
         card["build_seconds"] = round(time.time() - self._started, 3)
-        (self._tmp / CARD_NAME).write_text(json.dumps(card, indent=2) + "\n")
+        write_json(self._tmp / CARD_NAME, card)
+
+
+def card_lines(card: dict[str, Any], limit: int = 10) -> list[str]:
+    """Summary lines for a card's flagged rows and notes (``cxrfl card``, ``cxrfl ingest``)."""
+    lines = [f"  note {n['path']}: {n['note']}" for n in card.get("notes", [])]
+    flagged = card.get("flagged", [])
+    if flagged:
+        lines.append(f"  {len(flagged)} flagged (kept; see the card's 'flagged'):")
+        lines += [f"  flagged {f['id']} ({f['path']}): {f['reason']}" for f in flagged[:limit]]
+        if len(flagged) > limit:
+            lines.append(f"  ... {len(flagged) - limit} more flagged in dataset.json")
+    return lines
 
 
 def _size_stats(h: list[int], w: list[int], bits: list[int]) -> dict[str, Any]:

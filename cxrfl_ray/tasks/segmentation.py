@@ -64,20 +64,24 @@ def collect(model: nn.Module, loader, device: torch.device, loss_fn: nn.Module) 
 
 
 def summarise(out: dict[str, np.ndarray]) -> dict[str, float]:
-    """Mean per-image Jaccard (IoU) and Dice, pooled Jaccard, worst image, loss."""
+    """Mean per-image Jaccard (IoU) and Dice, pooled Jaccard, worst image, loss.
+
+    An image with no lung pixels in the mask or the prediction has nothing to score: it is left
+    out of the means (an empty prediction on an empty mask is not a perfect score). Where no
+    image has anything to score, Jaccard and Dice are 0, never 1."""
     n = out["loss"].size
     if n == 0:
         return {}
     tp, fp, fn = out["tp"], out["fp"], out["fn"]
     union = tp + fp + fn
-    # An empty mask predicted empty is a perfect score.
-    jaccard = np.divide(tp, union, out=np.ones_like(tp), where=union > 0)
-    dice = np.divide(2 * tp, 2 * tp + fp + fn, out=np.ones_like(tp), where=union > 0)
+    scored = union > 0
+    jaccard = tp[scored] / union[scored]
+    dice = 2 * tp[scored] / (2 * tp[scored] + fp[scored] + fn[scored])
     return {
         "loss": float(out["loss"].mean()),
-        "jaccard": float(jaccard.mean()),
-        "dice": float(dice.mean()),
+        "jaccard": float(jaccard.mean()) if scored.any() else 0.0,
+        "dice": float(dice.mean()) if scored.any() else 0.0,
         "jaccard_pooled": float(tp.sum() / max(union.sum(), 1)),
-        "jaccard_min": float(jaccard.min()),
+        "jaccard_min": float(jaccard.min()) if scored.any() else 0.0,
         "examples": float(n),
     }

@@ -28,6 +28,13 @@ def write_csv(path: Path, header: list[str], rows: list[list]) -> Path:
     return path
 
 
+def lungs(h: int, w: int) -> np.ndarray:
+    """A 0/255 mask with lungs and background (an all-255 mask is flagged, not kept)."""
+    mask = np.zeros((h, w), np.uint8)
+    mask[h // 4: 3 * h // 4, w // 8: w // 2] = 255
+    return mask
+
+
 def rows_by_id(path: Path) -> dict:
     ds = open_dataset(path)
     table = ds.take(np.arange(ds.num_rows))
@@ -188,7 +195,7 @@ def test_lungseg_pairs_by_stem_and_merges_left_right(tmp_path):
     root = tmp_path / "seg"
     for stem, suffix in (("1", "-mask"), ("2", "_mask"), ("3", "")):
         write_png(root / "images" / f"{stem}.png", gradient(20, 20, seed=int(stem)))
-        write_png(root / "masks" / f"{stem}{suffix}.png", np.full((20, 20), 255, np.uint8))
+        write_png(root / "masks" / f"{stem}{suffix}.png", lungs(20, 20))
     write_png(root / "images" / "4.png", gradient(20, 20))  # no mask
     write_png(root / "masks" / "9_mask.png", np.zeros((20, 20), np.uint8))  # no image
     entries = LAYOUTS["lungseg"](root, source="s")
@@ -212,7 +219,7 @@ def test_lungseg_cxrfl_layout_reads_class_and_train_flag(tmp_path):
     root = tmp_path / "cxrfl"
     for i in range(4):
         write_png(root / "images" / f"{i}.jpeg", gradient(16, 16, seed=i))
-        write_png(root / "masks" / f"{i}.png", np.full((16, 16), 255, np.uint8))
+        write_png(root / "masks" / f"{i}.png", lungs(16, 16))
     write_csv(root / "labels.csv", ["filename", "class", "train"],
               [["0.jpeg", "normal", 1], ["1.jpeg", "covid", 1], ["2.jpeg", "normal", 0], ["3.jpeg", "covid", 0]])
     ingest(LAYOUTS["lungseg"](root, source="c"), tmp_path / "ds", name="c", source="c", options=OPTS)
@@ -226,7 +233,7 @@ def test_folders_layout_with_class_images_and_masks(tmp_path):
     for cls in ("COVID", "Normal"):
         for i in range(2):
             write_png(root / cls / "images" / f"{cls}-{i}.png", gradient(24, 24, seed=i))
-            write_png(root / cls / "masks" / f"{cls}-{i}.png", np.full((12, 12), 255, np.uint8))
+            write_png(root / cls / "masks" / f"{cls}-{i}.png", lungs(12, 12))
     card = ingest(LAYOUTS["folders"](root, source="db"), tmp_path / "ds", name="db", source="db",
                   options=IngestOptions(progress=False, resize_masks=True))
     assert card["label_names"] == ["COVID", "Normal"] and card["num_rows"] == 4 and card["num_masks"] == 4

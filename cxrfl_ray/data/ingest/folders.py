@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from cxrfl_ray.data.ingest.lungseg import image_files, mask_key
-from cxrfl_ray.data.ingest.pipeline import Candidate, IngestError, Skip, make_id
+from cxrfl_ray.data.ingest.pipeline import Candidate, IngestError, Skip, assign_ids, make_id
 from cxrfl_ray.data.ingest.table import require_dir
 
 
@@ -28,12 +28,14 @@ def scan(root: Path, *, source: str) -> list[Candidate | Skip]:
             out.append(Skip(str(images), f"class folder {cls.name!r} holds no images"))
         for img in files:
             mask = by_key.get(img.stem) or by_key.get(mask_key(img))
+            relative = f"{cls.name}/{img.name}"
             out.append(
                 Candidate(
-                    id=make_id(source, f"{cls.name}/{img.name}"),
+                    id=make_id(source, relative),
+                    relative=relative,
                     image_path=img,
                     label_name=cls.name,
                     mask_paths=(mask,) if mask else (),
                 )
             )
-    return out
+    return assign_ids(out, source)

@@ -16,8 +16,8 @@ from typing import Sequence
 
 from cxrfl_ray.data.fields import clean
 from cxrfl_ray.data.ingest.manifest import UNLABELED, row_candidate
-from cxrfl_ray.data.ingest.pipeline import Candidate, IngestError, Skip
-from cxrfl_ray.data.ingest.table import read_table, require_dir
+from cxrfl_ray.data.ingest.pipeline import Candidate, IngestError, Note, Skip, assign_ids
+from cxrfl_ray.data.ingest.table import encoding_note, read_table, require_dir
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm"}
 IMAGE_DIRS = ("images", "image", "CXR_png", "imgs", "img")
@@ -72,11 +72,12 @@ def scan(
             by_key.setdefault(mask_key(m), []).append(m)
     labels_csv = csv or root / "labels.csv"
     rows = {}
+    out: list[Candidate | Skip | Note] = []
     if labels_csv.is_file():
         table = read_table(labels_csv, ("filename",), ("label", "split", "patient_id", "site", "view", "sex", "age"), columns)
         rows = {Path(clean(r["filename"]) or "").name: r for r in table}
+        out += encoding_note(labels_csv, table)
 
-    out: list[Candidate | Skip] = []
     used: set[Path] = set()
     for img in image_files(images):
         if pairs is not None:
@@ -100,4 +101,4 @@ def scan(
         out.append(entry)
     if pairs is None:
         out += [Skip(str(m), "mask without a matching image") for m in image_files(masks) if m not in used]
-    return out
+    return assign_ids(out, source)

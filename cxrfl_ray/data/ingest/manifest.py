@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 from cxrfl_ray.data.fields import clean, parse_age
-from cxrfl_ray.data.ingest.pipeline import Candidate, Skip, make_id
-from cxrfl_ray.data.ingest.table import read_table, require_dir
+from cxrfl_ray.data.ingest.pipeline import Candidate, Note, Skip, assign_ids, make_id
+from cxrfl_ray.data.ingest.table import encoding_note, read_table, require_dir
 from cxrfl_ray.data.splits import normalise_split
 
 OPTIONAL = ("mask_file", "patient_id", "site", "split", "view", "sex", "age")
@@ -55,6 +55,7 @@ def row_candidate(
         label = None
     return Candidate(
         id=make_id(source, filename),
+        relative=filename,
         image_path=image_path,
         label_name=label,
         mask_paths=mask_paths,
@@ -68,9 +69,14 @@ def row_candidate(
 
 
 def _find(folder: Path, root: Path | None, name: str) -> Path:
+    """``folder/name``, else ``root/name`` where that exists. For a missing file, the path it
+    was meant to have: ``root/images/x.png`` for ``images/x.png`` (not ``images/images/x.png``)."""
     path = folder / name
-    if not path.is_file() and root is not None and (root / name).is_file():
-        return root / name
+    if path.is_file() or root is None:
+        return path
+    there = root / name
+    if there.is_file() or (not path.parent.is_dir() and there.parent.is_dir()):
+        return there
     return path
 
 
@@ -87,9 +93,12 @@ def scan(
     require_dir(root, "source")
     images = require_dir(images or root / "images", "images")
     masks = masks or (root / "masks")
-    rows = read_table(csv or root / "labels.csv", ("filename", "label"), OPTIONAL, columns)
-    return [
+    csv_path = csv or root / "labels.csv"
+    rows = read_table(csv_path, ("filename", "label"), OPTIONAL, columns)
+    out: list[Candidate | Skip | Note] = encoding_note(csv_path, rows)
+    out += [
         row_candidate(r, source=source, images=images, masks=masks if masks.is_dir() else None,
                       unlabeled=unlabeled, root=root)
         for r in rows
     ]
+    return assign_ids(out, source)

@@ -3,13 +3,16 @@
 A layout module only lists ``Candidate`` rows (paths + labels + metadata) and ``Skip`` entries;
 this module decodes, validates, downscales, encodes and writes them, so every layout gets the
 same checks: unreadable or empty images, masks of the wrong size, labels outside the label set,
-duplicate ids. Bad rows are skipped and listed; good rows always land.
+duplicate files. Bad rows are skipped and listed; good rows always land. Rows that land but look
+wrong (a constant image, a mask that cannot be a lung mask, which is then dropped) are flagged
+in the card with the reason.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
-import re
+import unicodedata
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +31,11 @@ class IngestError(ValueError):
     """Bad input that stops ingestion at once (missing folder, CSV, column; or --strict)."""
 
 
+class MaskRejected(ValueError):
+    """A mask file that decodes but cannot be a lung mask: the image is kept, the mask dropped
+    and the row flagged, so a bad mask is never stored as "no lungs"."""
+
+
 @dataclass
 class Candidate:
     """One image a layout found, before it is decoded."""
@@ -44,6 +52,7 @@ class Candidate:
     age: float | None = None
     boxes: list[dict[str, float]] | None = None
     source: str | None = None  # the source folder's name when one dataset joins several
+    relative: str | None = None  # the path the id was made from (see ``assign_ids``)
 
 
 @dataclass
@@ -52,6 +61,14 @@ class Skip:
 
     path: str
     reason: str
+
+
+@dataclass
+class Note:
+    """Something about a source file the card should say (e.g. a CSV read as cp1252)."""
+
+    path: str
+    note: str
 
 
 @dataclass
@@ -79,39 +96,76 @@ class IngestOptions:
     progress: bool = True
 
 
+def mask_part(arr: np.ndarray, name: str) -> np.ndarray:
+    """The lung pixels of one decoded mask file: any two-valued {0, m} mask (0/1, 0/255,
+    0/65535, ...), 8- or 16-bit. More levels (soft, anti-aliased or label-coded masks) or a
+    nonzero background are ambiguous: MaskRejected rather than a guessed threshold."""
+    levels = np.unique(arr)
+    if levels.size > 2 or (levels.size == 2 and levels[0] != 0):
+        shown = ", ".join(str(int(v)) for v in levels[:5]) + (", ..." if levels.size > 5 else "")
+        jpeg = " (JPEG blurs a mask's edges: store masks as PNG)" if Path(name).suffix.lower() in (".jpg", ".jpeg") else ""
+        raise MaskRejected(
+            f"mask {name} has {levels.size} distinct values ({shown}); a lung mask has 0 and one "
+            f"positive value (soft, anti-aliased or label-coded masks are not guessed at){jpeg}"
+        )
+    return arr == levels[-1] if levels[-1] != 0 else np.zeros(arr.shape, dtype=bool)
+
+
 def read_mask(paths: Sequence[Path], shape: tuple[int, int] | None, resize: bool) -> np.ndarray:
-    """Merge one or more binary mask files into one 0/255 uint8 mask of ``shape``."""
+    """Merge one or more binary mask files into one 0/255 uint8 mask of ``shape``.
+
+    ImageReadError (the row is skipped) for an unreadable mask or one of the wrong size;
+    MaskRejected (the mask is dropped, the row flagged) for values that are not a binary mask
+    and for a merged mask that is empty or covers the whole image."""
     merged = None
     for path in paths:
         arr = read_image(path)
-        if arr.dtype != np.uint8:
-            arr = (arr >> 8).astype(np.uint8)
-        part = arr > 127
-        if shape is not None and part.shape != shape:
+        if shape is not None and arr.shape != shape:
             if not resize:
                 raise ImageReadError(
-                    f"mask {path.name} is {part.shape[1]}x{part.shape[0]} but the image is "
+                    f"mask {path.name} is {arr.shape[1]}x{arr.shape[0]} but the image is "
                     f"{shape[1]}x{shape[0]} (use --resize-masks to resize masks)"
                 )
+            part = mask_part(arr, path.name)
             from PIL import Image
 
             img = Image.fromarray(part.astype(np.uint8) * 255).resize(
                 (shape[1], shape[0]), Image.Resampling.NEAREST
             )
             part = np.asarray(img) > 127
-        merged = part if merged is None else (merged | part)
-        if merged.shape != part.shape:
+        else:
+            part = mask_part(arr, path.name)
+        if merged is not None and merged.shape != part.shape:
             raise ImageReadError(f"mask parts {[p.name for p in paths]} differ in size")
+        merged = part if merged is None else (merged | part)
     assert merged is not None
-    return (merged.astype(np.uint8) * 255)
+    names = " + ".join(p.name for p in paths)
+    if not merged.any():
+        raise MaskRejected(f"mask {names} is empty (no lung pixels)")
+    if merged.all():
+        raise MaskRejected(f"mask {names} covers the whole image (no background)")
+    return merged.astype(np.uint8) * np.uint8(255)
 
 
-def _make_row(c: Candidate, label: int, split: str, source: str, opts: IngestOptions) -> dict[str, Any]:
+def _make_row(c: Candidate, label: int, split: str, source: str,
+              opts: IngestOptions) -> tuple[dict[str, Any], list[dict[str, str]]]:
+    """The row of one candidate and its flags (rows kept, but the card says what looks wrong)."""
     meta: dict[str, Any] = {}
+    flags: list[dict[str, str]] = []
     image = read_image(c.image_path, meta)
     if image.size == 0 or min(image.shape) < 2:
-        raise ImageReadError(f"image has no pixels (shape {image.shape})")
-    mask = read_mask(c.mask_paths, image.shape, opts.resize_masks) if c.mask_paths else None
+        h, w = image.shape if image.ndim == 2 else (0, 0)
+        raise ImageReadError(f"image is {w}x{h} pixels: too small to be a radiograph")
+    if image.min() == image.max():
+        flags.append({"id": c.id, "path": str(c.image_path),
+                      "reason": f"image is constant (every pixel is {int(image.flat[0])}): blank or a failed export"})
+    mask = None
+    if c.mask_paths:
+        try:
+            mask = read_mask(c.mask_paths, image.shape, opts.resize_masks)
+        except MaskRejected as exc:
+            flags.append({"id": c.id, "path": ", ".join(str(p) for p in c.mask_paths),
+                          "reason": f"{exc}: mask dropped, image kept"})
     boxes = c.boxes
     if opts.max_size and max(image.shape) > opts.max_size:
         h0, w0 = image.shape
@@ -143,15 +197,20 @@ def _make_row(c: Candidate, label: int, split: str, source: str, opts: IngestOpt
         "age": c.age if c.age is not None else meta.get("age"),
         "original_path": str(c.image_path),
         "boxes": boxes,
-    }
+    }, flags
 
 
-def infer_label_names(entries: Iterable[Candidate | Skip]) -> list[str]:
+def infer_label_names(entries: Iterable[Candidate | Skip | Note]) -> list[str]:
     return sorted({e.label_name for e in entries if isinstance(e, Candidate) and e.label_name})
 
 
+def _file_key(path: Path) -> str:
+    """One key per file on disk, however a CSV spells its path (``images/x.png`` or ``x.png``)."""
+    return os.path.realpath(path)
+
+
 def ingest(
-    entries: Iterable[Candidate | Skip],
+    entries: Iterable[Candidate | Skip | Note],
     out: str | Path,
     *,
     name: str,
@@ -161,15 +220,21 @@ def ingest(
 ) -> dict[str, Any]:
     """Decode and write ``entries`` into the dataset folder ``out``; returns its card."""
     entries = list(entries)
+    notes = [e for e in entries if isinstance(e, Note)]
+    entries = [e for e in entries if not isinstance(e, Note)]
     label_names = list(options.label_names) if options.label_names else infer_label_names(entries)
     label_index = {n: i for i, n in enumerate(label_names)}
     opts = options
 
-    def check(e: Candidate | Skip, writer: DatasetWriter, pending: set[str]) -> Skip | tuple:
+    def check(e: Candidate | Skip, pending: dict[str, str], files: dict[str, str]) -> Skip | tuple:
         if isinstance(e, Skip):
             return e
-        if writer.has_id(e.id) or e.id in pending:
-            return Skip(str(e.image_path), f"duplicate id {e.id!r}")
+        key = _file_key(e.image_path)
+        if e.id in pending:
+            why = "the file is listed twice" if pending[e.id] == key else f"{pending[e.id]} has it"
+            return Skip(str(e.image_path), f"duplicate id {e.id!r} ({why})")
+        if key in files:
+            return Skip(str(e.image_path), f"duplicate: the same file as row {files[key]!r} (listed twice)")
         if e.label_name is None:
             label = NO_LABEL
         elif e.label_name in label_index:
@@ -178,10 +243,11 @@ def ingest(
             return Skip(str(e.image_path), f"label {e.label_name!r} is not in the label set {label_names}")
         pid = e.patient_id or e.id
         split = e.split or patient_split(pid, opts.seed, opts.val_frac, opts.test_frac)
-        pending.add(e.id)
+        pending[e.id] = key
+        files[key] = e.id
         return (e, label, split)
 
-    def load(item: Skip | tuple) -> Skip | dict[str, Any]:
+    def load(item: Skip | tuple) -> Skip | tuple[dict[str, Any], list[dict[str, str]]]:
         if isinstance(item, Skip):
             return item
         e, label, split = item
@@ -193,8 +259,11 @@ def ingest(
     extra = {"ingest": {"max_size": opts.max_size, "seed": opts.seed, "val_frac": opts.val_frac,
                         "test_frac": opts.test_frac}}
     with DatasetWriter(out, name=name, label_names=label_names, sources=sources, extra=extra) as writer:
-        pending: set[str] = set()
-        checked = [check(e, writer, pending) for e in entries]
+        for n in notes:
+            writer.note(n.path, n.note)
+        pending: dict[str, str] = {}
+        files: dict[str, str] = {}
+        checked = [check(e, pending, files) for e in entries]
         with ThreadPoolExecutor(max(1, opts.workers)) as pool:
             results = pool.map(load, checked)
             bar = tqdm(results, total=len(checked), desc=f"ingest {name}", unit="img",
@@ -205,16 +274,86 @@ def ingest(
                         raise IngestError(f"--strict: {result.path}: {result.reason}")
                     writer.skip(result.path, result.reason)
                 else:
-                    writer.add(result)
+                    row, flags = result
+                    writer.add(row)
+                    for f in flags:
+                        writer.flag(f["id"], f["path"], f["reason"])
         card = writer.card()
     return card
 
 
-_SAFE = re.compile(r"[^A-Za-z0-9._/\-]+")
+# Characters an id keeps as they are: ASCII ones ids always had, and Unicode letters, marks and
+# digits (so 正常.png and 肺炎.png stay apart). Anything else is normalised to "_" and the id
+# gets a hash of the original path, so two names that normalise alike still differ.
+_ASCII_SAFE = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._/-")
+HASH_SEP = "~"  # never in a kept name (it is normalised), so a hashed id never equals a plain one
 
 
-def make_id(source: str, relative: str | Path) -> str:
-    """A stable row id: ``source:relative/path/stem`` (extension dropped)."""
+def _id_path(relative: str | Path) -> str:
+    """The relative path as ids see it (``./a//b.png`` is ``a/b.png``)."""
+    return Path(relative).as_posix()
+
+
+def _short_hash(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:10]
+
+
+def _kept(ch: str) -> bool:
+    return ch in _ASCII_SAFE or unicodedata.category(ch)[0] in "LMN"
+
+
+def _id_body(text: str, original: str, force_hash: bool = False) -> str:
+    """``text`` with each run of other characters as one ``_``; hashed if anything changed."""
+    out: list[str] = []
+    in_run = False
+    for ch in text:
+        if _kept(ch):
+            out.append(ch)
+            in_run = False
+        elif not in_run:
+            out.append("_")
+            in_run = True
+    body = "".join(out)
+    if body != text or force_hash:
+        body += HASH_SEP + _short_hash(original)
+    return body
+
+
+def make_id(source: str, relative: str | Path, keep_suffix: bool = False, force_hash: bool = False) -> str:
+    """A stable row id: ``source:relative/path/stem`` (extension dropped unless ``keep_suffix``).
+
+    Names of ASCII letters, digits and ``._-/`` and of Unicode letters/digits are kept as they
+    are; a name with anything else (spaces, brackets, ...) is normalised and gets ``~`` and a
+    10-hex hash of the original relative path, so ``with space.png`` and ``with_space.png``
+    differ. ``assign_ids`` settles what still collides (``x.png`` / ``x.jpg``)."""
     rel = Path(relative)
-    stem = rel.with_suffix("").as_posix() if rel.suffix else rel.as_posix()
-    return f"{source}:{_SAFE.sub('_', stem)}"
+    path = rel.as_posix()
+    stem = path if keep_suffix or not rel.suffix else rel.with_suffix("").as_posix()
+    return f"{source}:{_id_body(stem, path, force_hash)}"
+
+
+def assign_ids(entries: list[Candidate | Skip | Note], source: str) -> list[Candidate | Skip | Note]:
+    """Give every distinct file of one source a distinct id (candidates' ``relative``), in place.
+
+    An id made by ``make_id`` that only one relative path has is kept (ids of ordinary names
+    never change). A group of distinct paths that share an id keeps the extension
+    (``x.png`` -> ``src:x.png``, ``x.jpg`` -> ``src:x.jpg``); where even that is taken, by another
+    file or within the group, the path's hash is added. The same path listed twice keeps one
+    id: the pipeline skips the second as a duplicate. Depends only on the set of paths."""
+    cands = [e for e in entries if isinstance(e, Candidate) and e.relative is not None]
+    paths_of: dict[str, set[str]] = {}
+    for c in cands:
+        paths_of.setdefault(c.id, set()).add(_id_path(c.relative))
+    taken = {i for i, paths in paths_of.items() if len(paths) == 1}
+    clashing = sorted({p for paths in paths_of.values() if len(paths) > 1 for p in paths})
+    if not clashing:
+        return entries
+    with_suffix = {p: make_id(source, p, keep_suffix=True) for p in clashing}
+    uses: dict[str, int] = {}
+    for i in with_suffix.values():
+        uses[i] = uses.get(i, 0) + 1
+    new = {p: (i if i not in taken and uses[i] == 1 else make_id(source, p, keep_suffix=True, force_hash=True))
+           for p, i in with_suffix.items()}
+    for c in cands:
+        c.id = new.get(_id_path(c.relative), c.id)
+    return entries

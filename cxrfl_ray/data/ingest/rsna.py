@@ -11,8 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from cxrfl_ray.data.fields import clean
-from cxrfl_ray.data.ingest.pipeline import Candidate, Skip, make_id
-from cxrfl_ray.data.ingest.table import read_table, require_dir
+from cxrfl_ray.data.ingest.pipeline import Candidate, Note, Skip, make_id
+from cxrfl_ray.data.ingest.table import encoding_note, read_table, require_dir
 from cxrfl_ray.data.schema import RSNA_LABELS
 
 LABEL_NAMES = RSNA_LABELS
@@ -35,12 +35,11 @@ def scan(
 ) -> list[Candidate | Skip]:
     require_dir(root, "source")
     images = require_dir(images or root / "stage_2_train_images", "RSNA image")
-    class_rows = read_table(class_csv or root / "stage_2_detailed_class_info.csv", ("patient_id", "label"))
-    box_rows = read_table(
-        labels_csv or root / "stage_2_train_labels.csv",
-        ("patient_id", "x", "y", "width", "height", "Target"),
-    )
-    out: list[Candidate | Skip] = []
+    class_csv = class_csv or root / "stage_2_detailed_class_info.csv"
+    labels_csv = labels_csv or root / "stage_2_train_labels.csv"
+    class_rows = read_table(class_csv, ("patient_id", "label"))
+    box_rows = read_table(labels_csv, ("patient_id", "x", "y", "width", "height", "Target"))
+    out: list[Candidate | Skip | Note] = encoding_note(class_csv, class_rows) + encoding_note(labels_csv, box_rows)
     classes: dict[str, str] = {}
     conflicts: set[str] = set()
     for r in class_rows:
@@ -70,7 +69,8 @@ def scan(
             continue
         out.append(
             Candidate(
-                id=make_id(source, pid),
+                id=make_id(source, dcm.name),  # the file name: a patientId with dots keeps them
+                relative=dcm.name,
                 image_path=dcm,
                 label_name=classes[pid],
                 patient_id=pid,
