@@ -181,3 +181,62 @@ def test_a_failing_trial_is_retried_and_reported(tmp_path, phantoms, ray_session
     assert "no CUDA device is available" in trials["error"].iloc[0]
     text = report(sweep).read_text()
     assert "1 trials (1 failed)" in text and "no CUDA device" in text
+
+
+def tiny_spec(tmp_path: Path, data: Path, **change) -> Path:
+    """The smoke spec cut to one round of two clients, one trial at a time, no retries."""
+    spec = yaml.safe_load(SMOKE.read_text())
+    spec["base"]["data"]["path"] = str(data)
+    spec["base"]["partition"] = {"clients": 2}
+    spec["base"]["fl"].update(rounds=1, clients_per_round=2)
+    spec.update({"space": {}, "max_concurrent": 1, "max_retries": 0, **change})
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def test_a_trial_that_cannot_fit_the_cluster_is_refused_before_tune_starts(tmp_path, phantoms, ray_session):
+    # ray_session has 2 CPUs: a 1-CPU driver and 2 client slots of 1 CPU can never be placed.
+    spec = tiny_spec(tmp_path, phantoms(n=120, size=48), client_slots=2, driver_cpus=1)
+    data = yaml.safe_load(spec.read_text())
+    data["base"]["fl"]["client_num_cpus"] = 1
+    spec.write_text(yaml.safe_dump(data))
+    with pytest.raises(ConfigError) as info:
+        run_sweep(spec, out=tmp_path / "sweep", quiet=True)
+    assert str(info.value) == (
+        f"sweep spec {spec}: a trial's placement group needs 3 CPUs and 0 GPUs (driver_cpus 1, driver_gpus 0, "
+        "plus 2 client slot(s) of fl.client_num_cpus 1, fl.client_num_gpus 0), but this Ray cluster (2 CPUs, "
+        "0 GPUs on 1 node(s)) fits 1 client slot(s) beside the driver, and Tune would wait for it forever: "
+        "lower client_slots, fl.client_num_cpus, driver_cpus")
+    assert not (tmp_path / "sweep").exists()  # refused before Tune (or the sweep folder) started
+
+
+@pytest.mark.timeout(600)
+def test_a_trial_whose_run_fails_is_failed_and_a_finished_one_is_not_rerun_or_recounted(tmp_path, phantoms,
+                                                                                         ray_session):
+    # Rate 0.99: every client of the only round fails, so the run raises (fl.min_replies 1).
+    spec = tiny_spec(tmp_path, phantoms(n=120, size=48),
+                     space={"faults.client_failure_rate": {"grid": [0.0, 0.99]}})
+    sweep = run_sweep(spec, out=tmp_path / "sweep", quiet=True)
+    trials = pq.read_table(sweep / "trials.parquet").to_pandas().drop_duplicates("trial")
+    by_rate = trials.set_index("param:faults.client_failure_rate")
+    assert by_rate.loc[0.0, ["status", "finished", "attempts"]].tolist() == ["TERMINATED", True, 1]
+    assert by_rate.loc[0.99, ["status", "finished", "attempts"]].tolist() == ["ERROR", False, 1]
+    assert "injected failure of client" in by_rate.loc[0.99, "error"]
+    text = report(sweep).read_text()
+    assert "2 trials (1 failed)" in text and "## Failed trials" in text
+    configs = pd.read_csv(sweep / "report" / "configs.csv").set_index("faults.client_failure_rate")
+    assert configs.loc[0.99, ["seeds", "failed"]].tolist() == [0, 1] and configs.loc[0.0, "failed"] == 0
+
+    # Tune starts both trials again (its state is gone): the finished one only reports its result.
+    finished = Path(by_rate.loc[0.0, "run_dir"]) / "metrics.parquet"
+    written = finished.stat().st_mtime_ns
+    import shutil
+
+    shutil.rmtree(sweep / "tune")
+    run_sweep(spec, out=sweep, resume=True, quiet=True)
+    again = pq.read_table(sweep / "trials.parquet").to_pandas().drop_duplicates("trial")
+    again = again.set_index("param:faults.client_failure_rate")
+    assert finished.stat().st_mtime_ns == written
+    assert again.loc[0.0, ["status", "finished", "attempts"]].tolist() == ["TERMINATED", True, 1]
+    assert again.loc[0.99, ["status", "attempts"]].tolist() == ["ERROR", 2]  # it ran (and failed) again
