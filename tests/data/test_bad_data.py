@@ -12,12 +12,10 @@ and masks of the wrong size (test_bad_inputs_... above), --resize-masks
 
 from __future__ import annotations
 
-import codecs
 import csv
 import hashlib
 import io
 import json
-import random
 import re
 import struct
 import zlib
