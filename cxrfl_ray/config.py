@@ -249,7 +249,7 @@ class ExperimentConfig(Section):
         return self.train.loss or ("dice_bce" if self.task == "segmentation" else "cross_entropy")
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+        return dump_yaml(self.model_dump(mode="json"))
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
@@ -342,13 +342,20 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+class _Dumper(yaml.SafeDumper):
+    """Writes what ``_UniqueKeyLoader`` reads back the same: a string like ``1e5`` is quoted."""
+
+
 # YAML 1.2's floats: PyYAML follows YAML 1.1, where ``1e-3`` (no dot) is a string, so a
 # ``fl.strategy.options`` value or a sweep bound written that way would arrive as text.
-_UniqueKeyLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"""^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$""", re.X),
-    list("-+0123456789"),
-)
+for _cls in (_UniqueKeyLoader, _Dumper):
+    _cls.add_implicit_resolver("tag:yaml.org,2002:float",
+                               re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789"))
+
+
+def dump_yaml(data: Any) -> str:
+    """YAML text that ``parse_yaml``/``load_yaml`` read back equal (key order kept)."""
+    return yaml.dump(data, Dumper=_Dumper, sort_keys=False)
 
 
 def parse_yaml(text: str, source: str = "(text)") -> Any:

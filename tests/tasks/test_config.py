@@ -187,6 +187,9 @@ def test_exponents_without_a_dot_are_numbers_as_in_yaml_1_2(tmp_path):
     assert build_config({}, ["fl.strategy.options.eta=1e-9"]).fl.strategy.options == {"eta": 1e-9}
     cfg = load_config(_write(tmp_path / "c.yaml", "fl:\n  strategy: {name: fedadam, options: {eta: 1e-2}}\n"))
     assert cfg.fl.strategy.options == {"eta": 0.01}
+    # ... and a string that looks like one is written quoted, so it reads back a string.
+    sites = build_config({"data": {"holdout_sites": ["1e5", "0E0"]}})
+    assert "- '1e5'" in sites.to_yaml() and load_config(sites.save(tmp_path / "s.yaml")) == sites
 
 
 def test_override_values_that_are_not_yaml_name_the_override():
