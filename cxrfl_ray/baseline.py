@@ -3,7 +3,6 @@ and local-only training (one client alone): the same task code the federated cli
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
@@ -12,10 +11,12 @@ import torch
 
 from cxrfl_ray.config import ConfigError, ExperimentConfig
 from cxrfl_ray.experiment import Prepared, evaluate_views, prepare
+from cxrfl_ray.jsonio import write_json
 from cxrfl_ray.plots import plot_series
 from cxrfl_ray.tasks.checkpoint import save_checkpoint
 from cxrfl_ray.tasks.models import create_model
-from cxrfl_ray.tasks.training import make_optimizer, make_scheduler, seed_everything, select_device, train_local
+from cxrfl_ray.tasks.training import (check_finite, located, make_optimizer, make_scheduler, seed_everything,
+                                      select_device, train_local)
 from cxrfl_ray.tracking import MetricsSink
 
 log = logging.getLogger("cxrfl.train")
@@ -79,7 +80,11 @@ def run_training(cfg: ExperimentConfig, local_only: int | None = None, quiet: bo
         fit = train_local(model, train_loader, loss_fn, optimizer, device, epochs=1, steps=cfg.train.steps,
                           first_epoch=epoch, scheduler=scheduler)
         sink.log(epoch, "train", kind, {"loss": fit["loss"], "examples": fit["examples"]})
-        scores = evaluate_and_log(prep, model, device, loss_fn, sink, epoch, [val_view])
+        # A diverged epoch stops the run before its model can be saved or picked as best.
+        check_finite(f"epoch {epoch}", {"train loss": fit["loss"]}, model.state_dict())
+        with located(f"epoch {epoch}"):
+            scores = evaluate_and_log(prep, model, device, loss_fn, sink, epoch, [val_view])
+        check_finite(f"epoch {epoch}", {k: v for k, v in scores.get(val_view, {}).items() if k in ("loss", main)})
         score = scores.get(val_view, {}).get(main, -fit["loss"])  # no val rows: pick by train loss
         if prep.task.better(score, best):
             best, best_epoch = score, epoch
@@ -101,7 +106,7 @@ def run_training(cfg: ExperimentConfig, local_only: int | None = None, quiet: bo
         "test": {f"{s}:{i}": m for (s, i), m in final.items()},
         "wall_time_s": round(time.time() - sink.start, 2),
     }
-    (run / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_json(run / "summary.json", summary)
     plot_series(run / f"{main}.png", {f"val {main}": sink.series("central", cfg.data.val_split, main)},
                 ylabel=main, title=f"{cfg.name} ({kind})")
     return run

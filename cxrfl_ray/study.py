@@ -30,6 +30,7 @@ import yaml
 from cxrfl_ray.config import ExperimentConfig, load_config
 from cxrfl_ray.data.writer import CARD_NAME
 from cxrfl_ray.experiment import Prepared, evaluate_views, prepare, resolve_site_clients
+from cxrfl_ray.jsonio import write_json
 from cxrfl_ray.study_spec import StudySpec, experiment, load_study, validate
 
 SEG_METRIC = "jaccard"
@@ -42,24 +43,19 @@ class StudyError(ValueError):
 
 # -- runs: skipped when complete, resumed when they can be -------------------------------------
 
-def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) and v else {f"{prefix}{k}": v})
-    return out
-
-
 def _complete(run: Path, cfg: ExperimentConfig) -> bool:
     """True when ``run`` finished with ``cfg``; raises when it holds another experiment (paths
     aside, so a moved study folder still resumes)."""
     saved = run / "config.yaml"
     if not saved.is_file():
         return False
-    old, new = _flat(load_config(saved).model_dump(mode="json")), _flat(cfg.model_dump(mode="json"))
-    differ = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k) and k not in ("out_dir", "data.path"))
-    if differ:
-        shown = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in differ[:5])
-        raise StudyError(f"{run} holds a run of another config ({shown}); delete it or use another --out")
+    from cxrfl_ray.fl.state import config_changes, format_changes
+
+    changes = config_changes(load_config(saved).model_dump(mode="json"), cfg.model_dump(mode="json"),
+                             ignore=("out_dir", "data.path"))
+    if changes:
+        raise StudyError(f"{run} holds a run of another config ({format_changes(changes, limit=5)}); "
+                         f"delete it or use another --out")
     return (run / "summary.json").is_file()
 
 
@@ -114,7 +110,7 @@ def evaluate_run(run: Path, prep: Prepared, keys: list[tuple[str, str]]) -> dict
     model, _, _ = load_checkpoint(run / "best.safetensors", task=cfg.task, device=device)
     loss_fn = prep.task.make_loss(cfg.loss_name, cfg.train.class_weights).to(device)
     results = {f"{s}:{i}": m for (s, i), m in evaluate_views(prep, model, device, loss_fn, keys).items()}
-    cache.write_text(json.dumps(results, indent=1) + "\n")
+    write_json(cache, results, indent=1)
     return results
 
 
@@ -282,7 +278,7 @@ def step_cam(spec: StudySpec, out: Path, cls: dict[str, Any]) -> dict[str, Any]:
     keep = {"n": len(result["ids"]), "method": c.method, "mask_source": result["mask_source"],
             "summaries": {"full": result["summaries"]["main"], "masked": result["summaries"]["compare"]},
             "grid": "cam/grid.png", "focus_csv": "cam/focus.csv", "cam_report": "cam/cam_report.md"}
-    cache.write_text(json.dumps(keep, indent=1) + "\n")
+    write_json(cache, keep, indent=1)
     return keep
 
 
@@ -300,7 +296,7 @@ class StepTimes:
             yield
         finally:
             self.times[name] = round(self.times.get(name, 0.0) + time.time() - start, 2)
-            self.path.write_text(json.dumps(self.times, indent=1) + "\n")
+            write_json(self.path, self.times, indent=1)
 
 
 def run_study(spec_path: str | Path, out: str | Path | None = None, overrides: list[str] | None = None,
@@ -338,7 +334,7 @@ def run_study(spec_path: str | Path, out: str | Path | None = None, overrides: l
     result["finding"] = finding(result["classification"], result["cam"])
     result["steps_s"] = dict(clock.times)
     result["total_s"] = round(sum(clock.times.values()), 2)
-    (out / "study.json").write_text(json.dumps(result, indent=1) + "\n")
+    write_json(out / "study.json", result, indent=1)
     write_report(out, result)
     say(f"report: {out / 'report.md'}")
     return out

@@ -23,7 +23,7 @@ from flwr.serverapp import Grid, ServerApp
 from cxrfl_ray.config import ConfigError, load_config
 from cxrfl_ray.experiment import prepare
 from cxrfl_ray.fl.server import Outcome, serve
-from cxrfl_ray.fl.state import saved_round
+from cxrfl_ray.fl.state import check_resume, saved_round
 
 server_app = ServerApp()
 
@@ -42,4 +42,6 @@ def main(grid: Grid, context: Context) -> None:
     if done is None:
         run_dir.mkdir(parents=True, exist_ok=True)
         cfg.save(run_dir / "config.yaml")
+    else:
+        check_resume(run_dir, prep.cfg)
     serve(grid, prep, run_dir, Outcome(), resume=done is not None, sites=True)

@@ -32,7 +32,7 @@ from typing import Callable
 from cxrfl_ray.baseline import new_run_dir
 from cxrfl_ray.config import ConfigError, ExperimentConfig, load_config
 from cxrfl_ray.experiment import prepare
-from cxrfl_ray.fl.state import STATE_FILE, saved_round
+from cxrfl_ray.fl.state import STATE_FILE, check_resume, saved_round
 from cxrfl_ray.fl.strategies import make_strategy
 
 QUIET_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "RAY_DEDUP_LOGS": "1", "RAY_USAGE_STATS_ENABLED": "0",
@@ -40,11 +40,15 @@ QUIET_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "RAY_DEDUP_LOGS": "1", "RAY_USAGE_ST
 
 
 class _DropKnownNoise(logging.Filter):
-    """A Flower warning that says nothing to our users (we skip client evaluation on purpose)."""
+    """Flower's messages that say nothing new to our users: a warning that client evaluation is
+    off (on purpose), and a client's exception with its traceback, twice, from Flower's worker
+    (the round loop logs each failed client with its exception in one line; ``--verbose`` keeps
+    Flower's)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        text = record.getMessage()
-        return "fraction_evaluate is set to 0.0" not in text
+        if record.levelno >= logging.ERROR and record.pathname.endswith("vce_api.py"):
+            return False
+        return "fraction_evaluate is set to 0.0" not in record.getMessage()
 
 
 def start_ray(**init_args) -> None:
@@ -261,6 +265,7 @@ def run_federated(cfg: ExperimentConfig | None = None, quiet: bool = False, verb
         if done is None:
             raise ConfigError(f"--resume {run_dir}: no saved round state ({STATE_FILE}) in that folder")
         cfg = load_config(run_dir / "config.yaml")
+        check_resume(run_dir, cfg)  # an edited config.yaml is refused here, before any data or Ray
         if done >= cfg.fl.rounds:
             raise ConfigError(f"--resume {run_dir}: all {cfg.fl.rounds} rounds are already done")
     assert cfg is not None
@@ -275,6 +280,9 @@ def run_federated(cfg: ExperimentConfig | None = None, quiet: bool = False, verb
                       per_round=cfg.clients_per_round, seed=cfg.seed, client_eval=cfg.fl.client_eval)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
+    if cfg.fl.min_replies > cfg.clients_per_round:
+        raise ConfigError(f"fl.min_replies {cfg.fl.min_replies} is more than the {cfg.clients_per_round} clients "
+                          f"trained per round: every round would fail")
 
     from cxrfl_ray.fl.client import app as client_app
     from cxrfl_ray.fl.server import Outcome, make_server_app
@@ -291,6 +299,8 @@ def run_federated(cfg: ExperimentConfig | None = None, quiet: bool = False, verb
     # Any virtual node can play any plan client, so only a round's cohort of nodes is needed.
     simulate(server_app, client_app, num_nodes=cfg.clients_per_round,
              client_resources={"num_cpus": cfg.fl.client_num_cpus, "num_gpus": cfg.fl.client_num_gpus})
+    if isinstance(outcome.error, ValueError):  # ours (diverged, failed federation, bad input): the one error
+        raise outcome.error
     if outcome.error is not None:
         raise RuntimeError(f"federated run failed: {outcome.error}") from outcome.error
     if not outcome.summary:

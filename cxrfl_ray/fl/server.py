@@ -5,7 +5,6 @@ folder directly."""
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -18,12 +17,14 @@ from tqdm import tqdm
 
 from cxrfl_ray.experiment import Prepared, evaluate_views
 from cxrfl_ray.fl.client import EXPERIMENT_KEY, load_global, weights_record
+from cxrfl_ray.fl.rounds import FailedRounds, check_global, train_round
 from cxrfl_ray.fl.state import load_state, restore_strategy, save_state
 from cxrfl_ray.fl.strategies import CLIENT_KEY, make_strategy, reply_client
+from cxrfl_ray.jsonio import write_json
 from cxrfl_ray.plots import plot_series
 from cxrfl_ray.tasks.checkpoint import save_checkpoint
 from cxrfl_ray.tasks.models import create_model
-from cxrfl_ray.tasks.training import seed_everything, select_device
+from cxrfl_ray.tasks.training import located, seed_everything, select_device
 from cxrfl_ray.tracking import MetricsSink, WandbRun
 
 log = logging.getLogger("cxrfl.fl")
@@ -116,11 +117,15 @@ def serve(grid: Grid, prep: Prepared, run_dir: Path, outcome: Outcome, *, quiet:
             else ("central", cfg.data.test_split)
         ckpt = dict(cfg=cfg, num_classes=prep.num_classes, label_names=prep.label_names)
         best, best_round = None, None
+        failed_rounds = FailedRounds(cfg.fl.min_replies, cfg.fl.max_failed_rounds)
 
         def evaluate_round(server_round: int) -> dict:
+            """The global model on every view; a diverged one stops the run before it is saved."""
             nonlocal best, best_round
             load_global(model, arrays)
-            results = evaluate_views(prep, model, device, loss_fn, list(prep.views))
+            with located(f"round {server_round}"):
+                results = evaluate_views(prep, model, device, loss_fn, list(prep.views))
+            check_global(server_round, arrays, results, main_metric)
             for (scope, vid), metrics in results.items():
                 sink.log(server_round, scope, vid, metrics)
             score = results.get(select_view, {}).get(main_metric)
@@ -131,9 +136,14 @@ def serve(grid: Grid, prep: Prepared, run_dir: Path, outcome: Outcome, *, quiet:
             sink.flush()
             return results
 
+        def save(server_round: int) -> None:
+            extra = {"best": best, "best_round": best_round, "failures_total": failures_total, **failed_rounds.state()}
+            save_state(run_dir, server_round, arrays, strategy, extra, cfg)
+
         if resume:
             done, arrays, strategy_state, extra = load_state(run_dir)
             restore_strategy(strategy, strategy_state)
+            failed_rounds.restore(extra)
             best, best_round, failures_total = extra["best"], extra["best_round"], extra["failures_total"]
             sink = MetricsSink.resume(run_dir / "metrics.parquet", done)
             results = {}
@@ -144,7 +154,7 @@ def serve(grid: Grid, prep: Prepared, run_dir: Path, outcome: Outcome, *, quiet:
             sink = MetricsSink(run_dir / "metrics.parquet")
             results = evaluate_round(0)
             tracker.log_round(0, sink.rows)
-            save_state(run_dir, 0, arrays, strategy, {"best": best, "best_round": best_round, "failures_total": 0})
+            save(0)
             _print_round(0, cfg.fl.rounds, results, select_view, main_metric, None, quiet)
             if on_round is not None:
                 on_round(0, flat_metrics(results))
@@ -153,34 +163,20 @@ def serve(grid: Grid, prep: Prepared, run_dir: Path, outcome: Outcome, *, quiet:
             wait_for_sites(grid, num_clients, cfg.fl.round_timeout)
         bar = tqdm(total=cfg.fl.rounds, initial=done, unit="round", desc=cfg.name, disable=quiet, leave=False)
         for server_round in range(done + 1, cfg.fl.rounds + 1):
-            messages = list(strategy.configure_train(server_round, arrays, train_config, grid))
-            replies = sorted(grid.send_and_receive(messages, timeout=cfg.fl.round_timeout), key=reply_client)
-            new_arrays, aggregated = strategy.aggregate_train(server_round, replies)
-            failed = sum(1 for r in replies if r.has_error()) + (len(messages) - len(replies))
-            failures_total += failed
-            if new_arrays is not None:
-                arrays = new_arrays
-            for reply in replies:
-                if not reply.has_error():
-                    m = reply.content["metrics"]
-                    sink.log(server_round, "client", str(int(m[CLIENT_KEY])),
-                             {k: float(v) for k, v in m.items() if k != CLIENT_KEY})
-            round_info = {"selected": len(messages), "replied": len(messages) - failed, "failures": failed,
-                          "failures_total": failures_total}
-            if aggregated is not None:
-                round_info["train_loss"] = float(aggregated["train_loss"])
+            trained = train_round(strategy, grid, server_round, arrays, train_config, cfg.fl.round_timeout, failed_rounds)
+            arrays = trained.arrays
+            failures_total += len(trained.failures)
+            _log_clients(sink, server_round, "client", trained.good)
+            round_info = {"selected": trained.selected, "replied": len(trained.good),
+                          "failures": len(trained.failures), "failures_total": failures_total, **trained.info}
             sink.log(server_round, "round", "server", round_info)
             if cfg.fl.client_eval:
                 eval_msgs = list(strategy.configure_evaluate(server_round, arrays, train_config, grid))
-                for reply in sorted(grid.send_and_receive(eval_msgs, timeout=cfg.fl.round_timeout), key=reply_client):
-                    if not reply.has_error():
-                        m = reply.content["metrics"]
-                        sink.log(server_round, "client_eval", str(int(m[CLIENT_KEY])),
-                                 {k: float(v) for k, v in m.items() if k != CLIENT_KEY})
+                _log_clients(sink, server_round, "client_eval", sorted(
+                    grid.send_and_receive(eval_msgs, timeout=cfg.fl.round_timeout), key=reply_client))
             results = evaluate_round(server_round)
             tracker.log_round(server_round, sink.rows)
-            save_state(run_dir, server_round, arrays, strategy,
-                       {"best": best, "best_round": best_round, "failures_total": failures_total})
+            save(server_round)
             _print_round(server_round, cfg.fl.rounds, results, select_view, main_metric, round_info, quiet)
             bar.update(1)
             if on_round is not None:
@@ -198,7 +194,7 @@ def serve(grid: Grid, prep: Prepared, run_dir: Path, outcome: Outcome, *, quiet:
             "client_failures": failures_total,
             "wall_time_s": round(time.time() - start, 2),
         }
-        (run_dir / "summary.json").write_text(json.dumps(outcome.summary, indent=2) + "\n")
+        write_json(run_dir / "summary.json", outcome.summary)
         plot_series(run_dir / f"{main_metric}.png",
                     {f"{s}:{i}": sink.series(s, i, main_metric) for (s, i) in prep.views if s in ("central", "holdout")},
                     ylabel=main_metric, xlabel="round", title=f"{cfg.name}: {cfg.fl.strategy.name}")
@@ -209,6 +205,14 @@ def serve(grid: Grid, prep: Prepared, run_dir: Path, outcome: Outcome, *, quiet:
         _rounds(grid, tracker)
     finally:
         tracker.finish(outcome.summary)
+
+
+def _log_clients(sink: MetricsSink, server_round: int, scope: str, replies) -> None:
+    """Each client's own metrics from its reply (error replies carry none)."""
+    for reply in replies:
+        if not reply.has_error():
+            m = reply.content["metrics"]
+            sink.log(server_round, scope, str(int(m[CLIENT_KEY])), {k: float(v) for k, v in m.items() if k != CLIENT_KEY})
 
 
 def _print_round(server_round: int, rounds: int, results: dict, view: tuple, metric: str,

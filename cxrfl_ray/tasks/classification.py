@@ -7,6 +7,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from cxrfl_ray.tasks.training import DivergedError
+
 MAIN_METRIC, MODE = "accuracy", "max"
 
 
@@ -38,7 +40,14 @@ def collect(model: nn.Module, loader, device: torch.device, loss_fn: nn.Module |
 
 
 def metrics_from_proba(probs: np.ndarray, targets: np.ndarray) -> dict[str, float]:
-    """Flat metric dict: accuracy, macro F1, per-class precision/recall, AUROC, confusion cells."""
+    """Flat metric dict: accuracy, macro F1, per-class precision/recall, AUROC, confusion cells.
+
+    Probabilities of a diverged model (NaN, from non-finite logits) raise ``DivergedError`` here:
+    scikit-learn would fail on them with "Input contains NaN", which names neither cause nor fix.
+    """
+    bad = int((~np.isfinite(probs)).any(axis=1).sum()) if probs.size else 0
+    if bad:
+        raise DivergedError(f"non-finite model outputs for {bad} of {len(probs)} images")
     # Imported here: scikit-learn costs seconds of start-up in every Ray worker and client actor,
     # and only the metrics need it.
     from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support, roc_auc_score

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import math
 import random
-from typing import Callable, Iterable
+from contextlib import contextmanager
+from typing import Callable, Iterable, Mapping
 
 import numpy as np
 import torch
@@ -22,6 +23,57 @@ OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
     "sgd": lambda params, c: torch.optim.SGD(params, lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay),
     "adagrad": lambda params, c: torch.optim.Adagrad(params, lr=c.lr, weight_decay=c.weight_decay),
 }
+
+
+class DivergedError(ValueError):
+    """Training produced a non-finite loss, metric or weight: the run stops (a ``ValueError``, so
+    the CLI prints one line) instead of averaging or saving it. ``where`` ("round 3", "epoch 0")
+    is added by the loop that knows it; the task code that detects it does not."""
+
+    def __init__(self, what: str, where: str | None = None) -> None:
+        self.what, self.where = what, where
+        at = f" at {where}" if where else ""
+        super().__init__(f"diverged{at} ({what}): lower train.lr")
+
+    def at(self, where: str) -> "DivergedError":
+        """This error, located (kept as it is when it already names where)."""
+        return self if self.where else DivergedError(self.what, where)
+
+
+def nonfinite_value(values: Mapping[str, float]) -> str | None:
+    """``"loss inf"`` for the first of ``values`` that is not finite (None: all are)."""
+    for name, value in values.items():
+        if not math.isfinite(float(value)):
+            return f"{name} {float(value)}"
+    return None
+
+
+def nonfinite_tensor(tensors: Mapping[str, torch.Tensor | np.ndarray]) -> str | None:
+    """``"nan in fc.weight"`` for the first floating tensor holding a NaN or infinity (None: none)."""
+    for name, value in tensors.items():
+        lib = np if isinstance(value, np.ndarray) else torch
+        if value.dtype.is_floating_point if lib is torch else np.issubdtype(value.dtype, np.floating):
+            if not bool(lib.isfinite(value).all()):
+                return f"{'nan' if bool(lib.isnan(value).any()) else 'inf'} in {name}"
+    return None
+
+
+def check_finite(where: str, values: Mapping[str, float] | None = None,
+                 tensors: Mapping[str, torch.Tensor] | None = None) -> None:
+    """Raise ``DivergedError`` at ``where`` if a value (e.g. ``{"loss": ...}``) or a weight is not finite."""
+    what = nonfinite_value(values or {}) or (nonfinite_tensor(tensors) if tensors else None)
+    if what:
+        raise DivergedError(what, where)
+
+
+@contextmanager
+def located(where: str):
+    """Name ``where`` in a ``DivergedError`` raised inside (the task code that detects non-finite
+    outputs does not know the round or epoch)."""
+    try:
+        yield
+    except DivergedError as exc:
+        raise exc.at(where) from None
 
 
 def make_optimizer(params: Iterable[nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -97,7 +149,9 @@ def train_local(
     mean loss, steps, examples and the next epoch index.
 
     ``regulariser`` adds a term to the loss (e.g. FedProx's proximal term); ``scheduler`` is
-    stepped after every batch.
+    stepped after every batch. A non-finite batch loss stops the training at once (more steps
+    only spread NaN through the weights); the returned loss is then that value, and the caller
+    refuses the result.
     """
     model.train()
     total, seen, n_steps, last_epoch = 0.0, 0, 0, first_epoch - 1
@@ -107,11 +161,14 @@ def train_local(
         loss = loss_fn(model(x), y)
         if regulariser is not None:
             loss = loss + regulariser(model)
+        value = loss.item()
+        if not math.isfinite(value):
+            return {"loss": value, "steps": n_steps, "examples": seen, "next_epoch": last_epoch + 1}
         loss.backward()
         optimizer.step()
         if scheduler is not None:
             scheduler.step()
-        total += loss.item() * len(x)
+        total += value * len(x)
         seen += len(x)
         n_steps += 1
     return {"loss": total / max(seen, 1), "steps": n_steps, "examples": seen, "next_epoch": last_epoch + 1}

@@ -267,3 +267,89 @@ def test_a_cosine_run_stopped_after_a_round_resumes_to_the_same_metrics(phantoms
                           if not r["metric"].endswith("_seconds")]
     assert strip(table(resumed)) == strip(table(reference))
     assert {r["round"] for r in table(resumed)} == {0, 1, 2}
+
+
+def run_cli(args, capsys):
+    """``cxrfl ARGS`` in this process (the session's Ray); returns (exit code, stderr lines)."""
+    from cxrfl_ray.cli import main as cxrfl
+
+    code = cxrfl(args)
+    return code, capsys.readouterr().err.splitlines()
+
+
+@pytest.mark.timeout(300)
+def test_a_federation_where_no_client_trains_fails_quoting_the_first_client_error(phantoms, tmp_path, ray_session, capsys,
+                                                                                   caplog):
+    import torch
+    from safetensors.torch import load_file
+
+    from cxrfl_ray.fl.state import load_state
+
+    cfg = config(phantoms(n=60, size=32), tmp_path, data={"size": 32}, partition={"clients": 2},
+                 faults={"client_failure_rate": 0.99}, fl={"rounds": 3, "fraction": 1.0, "max_failed_rounds": 2})
+    assert all(_failure_draw(3, rnd, c) < 0.99 for rnd in (1, 2) for c in (0, 1))  # every training fails
+    code, err = run_cli(["simulate", str(cfg.save(tmp_path / "cfg.yaml")), "--quiet"], capsys)
+    assert code == 2
+    assert err[-1] == ("cxrfl simulate: error: federation failed at round 2: 0 of 2 clients trained successfully, "
+                       "fewer than fl.min_replies 1; 2 rounds in a row (1-2) had fewer, fl.max_failed_rounds 2; first "
+                       "client error (round 1): client 0: InjectedClientFailure: injected failure of client 0 in round 1")
+    assert "round 1: client 1: InjectedClientFailure: injected failure of client 1 in round 1" in caplog.messages
+    assert not any("Traceback" in line for line in err)
+    (run,) = tmp_path.glob("sim-fl-*")
+    assert not (run / "summary.json").exists()  # no complete-looking result
+    done, arrays, _, extra = load_state(run)
+    assert done == 1 and extra["failed_streak"] == 1 and extra["first_failure"]["client"] == 0
+    initial = load_file(str(run / "best.safetensors"))  # round 0's model (round 1 could not beat it)
+    assert all(torch.equal(v, initial[k]) for k, v in arrays.to_torch_state_dict().items())  # round 1 changed nothing
+    round1 = {r["metric"]: r["value"] for r in table(run) if (r["round"], r["scope"]) == (1, "round")}
+    assert (round1["failures"], round1["replied"]) == (2, 0) and "train_loss" not in round1
+
+
+@pytest.mark.timeout(300)
+def test_a_diverging_federation_stops_with_one_error_line_and_saves_no_diverged_model(phantoms, tmp_path, ray_session,
+                                                                                      capsys, caplog):
+    from cxrfl_ray.fl.state import saved_round
+    from cxrfl_ray.tasks.checkpoint import read_metadata
+
+    cfg = config(phantoms(n=60, size=32), tmp_path, data={"size": 32}, partition={"clients": 2},
+                 train={"lr": 1e30}, fl={"rounds": 2, "fraction": 1.0})
+    code, err = run_cli(["simulate", str(cfg.save(tmp_path / "cfg.yaml")), "--quiet"], capsys)
+    assert code == 2
+    assert err[-1] == ("cxrfl simulate: error: diverged at round 1 (train loss nan from client 0; 0 of 2 clients gave "
+                       "a finite update): lower train.lr")
+    assert "round 1: client 0: update not finite (train loss nan)" in caplog.messages
+    assert not any("Traceback" in line for line in err)
+    (run,) = tmp_path.glob("sim-fl-*")
+    assert saved_round(run) == 0 and not (run / "summary.json").exists()
+    assert json.loads(read_metadata(run / "best.safetensors")["info"])["round"] == 0  # the finite start
+
+
+def test_resume_of_a_run_whose_config_was_edited_is_refused_before_ray_starts(phantoms, tmp_path, monkeypatch, capsys):
+    import yaml
+
+    from cxrfl_ray.experiment import prepare
+    from cxrfl_ray.fl.client import weights_record
+    from cxrfl_ray.fl.state import save_state
+    from cxrfl_ray.tasks.models import create_model
+
+    def no_ray(cfg):
+        raise AssertionError("Ray was started for a refused resume")
+
+    monkeypatch.setattr("cxrfl_ray.fl.engine.ensure_ray", no_ray)
+    prep = prepare(config(phantoms(n=60, size=32), tmp_path, data={"size": 32}, partition={"clients": 2}))
+    run = tmp_path / "killed"  # as a run killed after round 1 leaves it: its config and round state
+    run.mkdir()
+    prep.cfg.save(run / "config.yaml")
+    model = create_model("tiny-conv", "classification", 1, prep.num_classes)
+    save_state(run, 1, weights_record(model), object(), {"best": 0.3, "best_round": 0, "failures_total": 0}, prep.cfg)
+    original = (run / "config.yaml").read_text()
+    for edit, shown in [({"train": {"lr": 0.1}, "data": {"size": 48}}, "data.size: 32 -> 48, train.lr: 0.01 -> 0.1"),
+                        ({"model": {"name": "resnet18"}}, "model.name: 'tiny-conv' -> 'resnet18'")]:
+        raw = yaml.safe_load(original)
+        for section, values in edit.items():
+            raw[section].update(values)
+        (run / "config.yaml").write_text(yaml.safe_dump(raw))
+        code, err = run_cli(["simulate", "--resume", str(run)], capsys)
+        assert code == 2
+        assert err == [f"cxrfl simulate: error: --resume {run}: {run / 'config.yaml'} was changed after rounds ran "
+                       f"with it ({shown}); restore it, or start a new run"]

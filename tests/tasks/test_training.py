@@ -94,3 +94,54 @@ def test_make_scheduler_cosine_over_total_steps_and_continued_after_done_steps()
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
     assert make_scheduler(opt, constant, 10) is None and make_scheduler(opt, constant, 10, 5) is None
     assert lrs(0, steps=2) == [0.1, 0.0]  # no division by zero for an empty run
+
+
+def test_train_local_stops_at_the_first_nonfinite_loss():
+    import math
+
+    import torch
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from cxrfl_ray.tasks.training import train_local
+
+    torch.manual_seed(0)
+    data = TensorDataset(torch.randn(64, 4) * 100, torch.randint(0, 3, (64,)))
+    model = torch.nn.Linear(4, 3)
+    fit = train_local(model, DataLoader(data, batch_size=8), torch.nn.CrossEntropyLoss(),
+                      torch.optim.SGD(model.parameters(), lr=1e38), torch.device("cpu"), steps=6)
+    assert not math.isfinite(fit["loss"])
+    assert fit["steps"] == 1  # the step that blew up the weights, and no more
+    sane = torch.nn.Linear(4, 3)
+    fit = train_local(sane, DataLoader(data, batch_size=8), torch.nn.CrossEntropyLoss(),
+                      torch.optim.SGD(sane.parameters(), lr=1e-4), torch.device("cpu"), steps=6)
+    assert math.isfinite(fit["loss"]) and fit["steps"] == 6
+
+
+def test_a_diverging_centralised_run_fails_with_one_line_and_saves_no_model(tmp_path, phantoms, capsys):
+    from cxrfl_ray.cli import main as cxrfl
+
+    cfg = build_config({"name": "t", "out_dir": str(tmp_path), "data": {"path": str(phantoms(n=60, size=32)), "size": 32},
+                        "model": {"name": "tiny-conv"}, "train": {"epochs": 2, "steps": 2, "batch_size": 8, "lr": 1e30}})
+    assert cxrfl(["train", str(cfg.save(tmp_path / "cfg.yaml")), "--quiet"]) == 2
+    assert capsys.readouterr().err == "cxrfl train: error: diverged at epoch 0 (train loss nan): lower train.lr\n"
+    (run,) = tmp_path.glob("t-central-*")
+    assert not (run / "best.safetensors").exists() and not (run / "summary.json").exists()
+
+
+def test_nonfinite_classifier_outputs_are_divergence_not_a_scikit_learn_error():
+    import numpy as np
+    import torch
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from cxrfl_ray.tasks import classification
+    from cxrfl_ray.tasks.training import DivergedError, located
+
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 3))
+    with torch.no_grad():
+        model[1].weight.fill_(float("inf"))  # a diverged model: its logits are inf - inf = nan
+    loader = DataLoader(TensorDataset(torch.randn(5, 1, 2, 2), torch.tensor([0, 1, 2, 0, 1])), batch_size=2)
+    with pytest.raises(DivergedError) as info, located("round 2"):
+        classification.summarise(classification.collect(model, loader, torch.device("cpu"), torch.nn.CrossEntropyLoss()))
+    assert str(info.value) == "diverged at round 2 (non-finite model outputs for 5 of 5 images): lower train.lr"
+    with pytest.raises(DivergedError, match=r"^diverged \(non-finite model outputs for 1 of 2 images\): lower train.lr$"):
+        classification.metrics_from_proba(np.array([[0.2, 0.3, 0.5], [np.nan, 0.5, 0.5]]), np.array([2, 1]))

@@ -1,0 +1,163 @@
+"""What a round's replies are worth, and when a federation has failed or diverged.
+
+A reply counts only when it carries an update the global model can take: no error, a finite
+train loss and finite weights. Anything else is a client failure: counted, its reason logged,
+never averaged (one NaN client would make the global model NaN). A round with fewer good updates
+than ``fl.min_replies`` is a failed round and leaves the global weights (and the strategy's state)
+as they were; after ``fl.max_failed_rounds`` failed rounds in a row the run stops, quoting the
+first client error of the streak. The streak is part of the round state, so a resumed run counts
+on from where it stopped. A non-finite global model, loss or metric stops the run at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import asdict, dataclass
+
+from flwr.app import ArrayRecord, Message, RecordDict
+
+from cxrfl_ray.fl.client import _npy_view
+from cxrfl_ray.fl.strategies import CLIENT_KEY, reply_client
+from cxrfl_ray.tasks.training import DivergedError, check_finite, nonfinite_tensor, nonfinite_value
+
+log = logging.getLogger("cxrfl.fl")
+
+
+class FederationFailed(ValueError):
+    """Too many rounds in a row without enough successful client updates (``fl.min_replies``)."""
+
+
+@dataclass(frozen=True)
+class Failure:
+    """One selected client that gave no usable update; ``diverged``: its update was not finite."""
+
+    client: int | None
+    reason: str
+    diverged: bool = False
+
+    def __str__(self) -> str:
+        who = f"client {'?' if self.client is None else self.client}"
+        return f"{who}: update not finite ({self.reason})" if self.diverged else f"{who}: {self.reason}"
+
+
+def nonfinite_update(content: RecordDict) -> str | None:
+    """``"train loss nan"`` or ``"inf in fc.weight"`` for a training reply's content whose update
+    is not finite (None: it can be averaged)."""
+    return (nonfinite_value({"train loss": float(content["metrics"]["train_loss"])})
+            or nonfinite_tensor({k: _npy_view(v) for k, v in content["arrays"].items()}))
+
+
+_EXCEPTION_LINE = re.compile(r"^(?:[A-Za-z_][\w.]*\.)?([A-Za-z_]\w*(?:Error|Exception|Failure|Exit)): (.+)$")
+_WRAPPERS = ("ClientAppException", "RayTaskError", "RayActorError")
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def error_reason(reason: str, limit: int = 300) -> str:
+    """The client's own exception as one line (``InjectedClientFailure: injected failure of client
+    0 in round 1``) out of Flower's error reason, which wraps it in Flower's and Ray's exception
+    types and a remote traceback; else the reason's last line."""
+    lines = [line.rstrip() for line in _ANSI.sub("", reason).splitlines() if line.strip()]
+    for line in lines:
+        m = _EXCEPTION_LINE.match(line)
+        if m and m.group(1) not in _WRAPPERS:
+            return f"{m.group(1)}: {m.group(2).removesuffix(chr(39) + '>')}"[:limit]
+    return (lines[-1].strip().removesuffix("'>") if lines else reason)[:limit]
+
+
+def screen(messages: list[Message], replies: list[Message], timeout: float) -> tuple[list[Message], list[Failure]]:
+    """The replies fit to aggregate (client-id order) and the failures of the others (client-id
+    order; a message without a reply is one)."""
+    sent = {m.metadata.message_id: int(m.content["config"][CLIENT_KEY]) for m in messages}
+    good, failures, answered = [], [], set()
+    for reply in replies:
+        answered.add(reply.metadata.reply_to_message_id)
+        cid = sent.get(reply.metadata.reply_to_message_id)
+        if reply.has_error():
+            failures.append(Failure(cid, error_reason(reply.error.reason)))
+        elif what := nonfinite_update(reply.content):
+            failures.append(Failure(reply_client(reply), what, diverged=True))
+        else:
+            good.append(reply)
+    failures += [Failure(cid, f"no reply within fl.round_timeout {timeout:g} s")
+                 for mid, cid in sent.items() if mid not in answered]
+    failures.sort(key=lambda f: (f.client is None, f.client or 0))
+    return sorted(good, key=reply_client), failures
+
+
+@dataclass
+class FailedRounds:
+    """The failed-round policy, and its state (saved with the round state)."""
+
+    min_replies: int
+    max_failed_rounds: int
+    streak: int = 0  # failed rounds in a row, up to the last completed round
+    first: dict | None = None  # the streak's first failure (Failure as a dict) and its round
+
+    def state(self) -> dict:
+        return {"failed_streak": self.streak, "first_failure": self.first}
+
+    def restore(self, extra: dict) -> None:
+        """From a saved round's state (runs saved before this policy start with no streak)."""
+        self.streak, self.first = int(extra.get("failed_streak", 0)), extra.get("first_failure")
+
+    def judge(self, server_round: int, selected: int, good: int, failures: list[Failure]) -> bool:
+        """True when the round may update the global model; raises once ``max_failed_rounds``
+        rounds in a row had fewer than ``min_replies`` good updates."""
+        for failure in failures:
+            log.warning("round %d: %s", server_round, failure)
+        if good >= self.min_replies:
+            self.streak, self.first = 0, None
+            return True
+        self.streak += 1
+        if self.first is None and failures:
+            self.first = {"round": server_round, **asdict(failures[0])}
+        if self.streak < self.max_failed_rounds:
+            log.warning("round %d failed: %d of %d clients gave a usable update (fl.min_replies %d); the global "
+                        "model is unchanged", server_round, good, selected, self.min_replies)
+            return False
+        first = Failure(self.first["client"], self.first["reason"], self.first["diverged"]) if self.first else None
+        if first is not None and first.diverged and all(f.diverged for f in failures):
+            raise DivergedError(f"{first.reason} from client {first.client}; {good} of {selected} clients gave a "
+                                f"finite update", f"round {server_round}")
+        streak = "" if self.streak == 1 else (
+            f"; {self.streak} rounds in a row ({server_round - self.streak + 1}-{server_round}) had fewer, "
+            f"fl.max_failed_rounds {self.max_failed_rounds}")
+        quoted = f"first client error (round {self.first['round']}): {first}" if first else "no client error reported"
+        raise FederationFailed(f"federation failed at round {server_round}: {good} of {selected} clients trained "
+                               f"successfully, fewer than fl.min_replies {self.min_replies}{streak}; {quoted}")
+
+
+@dataclass
+class Trained:
+    """One round's training: the global weights after it, the usable replies, the failures."""
+
+    arrays: ArrayRecord
+    selected: int
+    good: list[Message]
+    failures: list[Failure]
+    info: dict[str, float]  # train_loss of the aggregated round (absent for a failed round)
+
+
+def train_round(strategy, grid, server_round: int, arrays: ArrayRecord, config, timeout: float,
+                policy: FailedRounds) -> Trained:
+    """Send the round's cohort the global weights; aggregate the usable updates (Flower's math,
+    in client-id order) if the round did not fail, else keep ``arrays`` as they are."""
+    messages = list(strategy.configure_train(server_round, arrays, config, grid))
+    good, failures = screen(messages, list(grid.send_and_receive(messages, timeout=timeout)), timeout)
+    info: dict[str, float] = {}
+    if policy.judge(server_round, len(messages), len(good), failures):
+        new_arrays, aggregated = strategy.aggregate_train(server_round, good)
+        arrays = arrays if new_arrays is None else new_arrays
+        if aggregated is not None:
+            info["train_loss"] = float(aggregated["train_loss"])
+    return Trained(arrays, len(messages), good, failures, info)
+
+
+def check_global(server_round: int, arrays: ArrayRecord, results: dict, metric: str) -> None:
+    """Raise ``DivergedError`` when the global model, or its loss or ``metric`` on any view, is not
+    finite (before it can be saved, or picked as best)."""
+    where = f"round {server_round}"
+    check_finite(where, tensors={k: _npy_view(v) for k, v in arrays.items()})
+    for metrics in results.values():
+        check_finite(where, {k: v for k, v in metrics.items() if k in ("loss", metric)})
