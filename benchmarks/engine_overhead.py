@@ -5,13 +5,19 @@ Reports, per model: total wall time of each, their ratio, the engine's start-up 
 imports, each actor's data and model: everything up to the end of round 1 beyond the floor's
 set-up and first round), and the mean steady-state round time (rounds 2..R) of each. With one
 CPU per actor and 2 actors, the engine trains two clients at once where the floor trains one
-after the other, so a steady-state ratio below 1 is possible on 2 cores. The final validation metric of both is printed as a check that the
-work was the same (the floor averages with FedAvg's own float32 arithmetic, so they agree exactly).
+after the other, so a steady-state ratio below 1 is possible on 2 cores.
+
+"Same work" is checked, not assumed: the final global weights (a sha256 over every array, in name
+order) and the final validation loss and metric must be identical for both (the floor averages
+with FedAvg's own float32 arithmetic, so they agree exactly). The metric alone proves little: a
+model stuck at the majority class scores the same accuracy whatever it learnt. A case whose work
+differs fails the benchmark.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import sys
 import tempfile
 import time
@@ -28,7 +34,9 @@ from cxrfl_ray.data.synth import write_synthetic_dataset  # noqa: E402
 from cxrfl_ray.experiment import evaluate_views  # noqa: E402
 from cxrfl_ray.fl.client import fit_client, runtime, trainable_state  # noqa: E402
 from cxrfl_ray.fl.engine import run_federated  # noqa: E402
+from cxrfl_ray.fl.state import load_state  # noqa: E402
 from cxrfl_ray.fl.strategies import select_clients  # noqa: E402
+from cxrfl_ray.tasks import TASKS  # noqa: E402
 from cxrfl_ray.tasks.models import create_model  # noqa: E402
 from cxrfl_ray.tasks.training import seed_everything  # noqa: E402
 
@@ -51,8 +59,23 @@ def fedavg(states: list[dict[str, torch.Tensor]], weights: list[int]) -> dict[st
     return {k: torch.from_numpy(np.asarray(v)) for k, v in total.items()}
 
 
-def floor(cfg) -> tuple[float, float, list[float], float]:
-    """In-process FedAvg with the engine's exact local work; returns (setup s, total s, round s, val)."""
+def weights_hash(state: dict[str, torch.Tensor]) -> str:
+    """sha256 (12 hex digits) of the arrays' names, dtypes, shapes and bytes, in name order."""
+    h = hashlib.sha256()
+    for name in sorted(state):
+        arr = np.ascontiguousarray(state[name].detach().cpu().numpy())
+        h.update(f"{name}:{arr.dtype}:{arr.shape}".encode())
+        h.update(arr.tobytes())
+    return h.hexdigest()[:12]
+
+
+def final_val(results: dict, main: str) -> dict[str, float]:
+    return {k: results[("central", "val")][k] for k in ("loss", main)}
+
+
+def floor(cfg) -> tuple[float, float, list[float], dict, str]:
+    """In-process FedAvg with the engine's exact local work; returns (setup s, total s, round s,
+    final val loss and metric, final weights hash)."""
     start = time.perf_counter()
     rt = runtime(cfg.to_yaml())
     prep = rt.prep
@@ -75,11 +98,10 @@ def floor(cfg) -> tuple[float, float, list[float], float]:
         server.load_state_dict(arrays, strict=False)
         results = evaluate_views(prep, server, rt.device, rt.loss_fn, list(prep.views))
         rounds.append(time.perf_counter() - t)
-    main = prep.task.main_metric
-    return setup, time.perf_counter() - start, rounds, results[("central", "val")][main]
+    return setup, time.perf_counter() - start, rounds, final_val(results, prep.task.main_metric), weights_hash(arrays)
 
 
-def engine(cfg) -> tuple[float, float, list[float], float]:
+def engine(cfg) -> tuple[float, float, list[float], dict, str]:
     start = time.perf_counter()
     run = run_federated(cfg, quiet=True)
     total = time.perf_counter() - start
@@ -88,9 +110,12 @@ def engine(cfg) -> tuple[float, float, list[float], float]:
     for r in rows:
         ends[r["round"]] = max(ends.get(r["round"], 0.0), r["wall_time"])
     rounds = [ends[k] - ends[k - 1] for k in range(1, cfg.fl.rounds + 1)]
-    main = "jaccard" if cfg.task == "segmentation" else "accuracy"
-    val = [r["value"] for r in rows if (r["scope"], r["id"], r["metric"], r["round"]) == ("central", "val", main, cfg.fl.rounds)][0]
-    return total - sum(rounds), total, rounds, val
+    main = TASKS[cfg.task].main_metric
+    val = {r["metric"]: r["value"] for r in rows if (r["scope"], r["id"], r["round"]) == ("central", "val", cfg.fl.rounds)
+           and r["metric"] in ("loss", main)}
+    done, arrays, _, _ = load_state(run)
+    assert done == cfg.fl.rounds
+    return total - sum(rounds), total, rounds, val, weights_hash(arrays.to_torch_state_dict())
 
 
 def main() -> None:
@@ -110,8 +135,9 @@ def main() -> None:
                 "fl": {"rounds": rounds, "fraction": 0.5, "client_num_cpus": 1.0,
                        "ray_init": {"num_cpus": 2}}, "tracking": {"wandb": "disabled"},
             })
-            f_setup, f_total, f_rounds, f_val = floor(cfg)
-            e_setup, e_total, e_rounds, e_val = engine(cfg)
+            f_setup, f_total, f_rounds, f_val, f_hash = floor(cfg)
+            e_setup, e_total, e_rounds, e_val, e_hash = engine(cfg)
+            main = TASKS[task].main_metric
             # Round 1 of the engine also starts the actors (imports, data, model): count that as
             # start-up, and compare steady-state rounds 2..R.
             e_start = e_setup + e_rounds[0] - f_rounds[0]
@@ -122,7 +148,10 @@ def main() -> None:
                 "engine_startup_s": round(e_start - f_setup, 2),
                 "floor_round_s": round(float(np.mean(f_rounds[1:])), 3),
                 "engine_round_s": round(float(np.mean(e_rounds[1:])), 3),
-                "final_val_floor": round(f_val, 4), "final_val_engine": round(e_val, 4),
+                "final_val_floor": round(f_val[main], 4), "final_val_engine": round(e_val[main], 4),
+                "final_loss_floor": round(f_val["loss"], 6), "final_loss_engine": round(e_val["loss"], 6),
+                "weights_floor": f_hash, "weights_engine": e_hash,
+                "same_work": f_val == e_val and f_hash == e_hash,  # exact, not rounded
             })
             print(results[-1], flush=True)
     lines = [f"{rounds} rounds, {clients} clients, half per round, FedAvg, 2 CPU actors of 1 CPU each.", "",
@@ -130,8 +159,14 @@ def main() -> None:
                      "ratio_total": "ratio (total)", "ratio_rounds": "ratio (per round)",
                      "engine_startup_s": "engine start-up s", "floor_round_s": "floor round s",
                      "engine_round_s": "engine round s", "final_val_floor": "final val floor",
-                     "final_val_engine": "final val engine"}, results)]
+                     "final_val_engine": "final val engine", "final_loss_floor": "final val loss floor",
+                     "final_loss_engine": "final val loss engine", "weights_engine": "final weights sha256",
+                     "same_work": "same work"}, results)]
     report("engine_overhead" + (" --quick" if args.quick else ""), {"results": results}, lines)
+    differ = [r["case"] for r in results if not r["same_work"]]
+    if differ:
+        raise SystemExit(f"engine_overhead: the engine and the floor did different work in {differ} (final weights "
+                         f"or validation loss/metric differ; see the table)")
 
 
 if __name__ == "__main__":
