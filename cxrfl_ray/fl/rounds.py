@@ -14,12 +14,13 @@ from __future__ import annotations
 import logging
 import re
 from dataclasses import asdict, dataclass
+from typing import Callable
 
 from flwr.app import ArrayRecord, Message, RecordDict
 
 from cxrfl_ray.fl.client import _npy_view
 from cxrfl_ray.fl.strategies import CLIENT_KEY, reply_client
-from cxrfl_ray.tasks.training import DivergedError, check_finite, nonfinite_tensor, nonfinite_value
+from cxrfl_ray.tasks.training import DivergedError, check_finite, located, nonfinite_tensor, nonfinite_value
 
 log = logging.getLogger("cxrfl.fl")
 
@@ -154,10 +155,17 @@ def train_round(strategy, grid, server_round: int, arrays: ArrayRecord, config, 
     return Trained(arrays, len(messages), good, failures, info)
 
 
-def check_global(server_round: int, arrays: ArrayRecord, results: dict, metric: str) -> None:
-    """Raise ``DivergedError`` when the global model, or its loss or ``metric`` on any view, is not
-    finite (before it can be saved, or picked as best)."""
+def evaluate_global(server_round: int, arrays: ArrayRecord, evaluate: Callable[[], dict], metric: str,
+                    strategy: object) -> dict:
+    """``evaluate()`` of the global model, refused (``DivergedError``) when the model, or its loss or
+    ``metric`` on any view, is not finite: before it can be saved, or picked as best."""
     where = f"round {server_round}"
-    check_finite(where, tensors={k: _npy_view(v) for k, v in arrays.items()})
+    # The server's own step (FedAdam's eta, FedAvgM's server rate) can diverge where clients did not.
+    fix = next((f"train.lr or fl.strategy.options.{a}" for a in ("eta", "server_learning_rate")
+                if hasattr(strategy, a)), "train.lr")
+    check_finite(where, tensors={k: _npy_view(v) for k, v in arrays.items()}, fix=fix)
+    with located(where, fix):
+        results = evaluate()
     for metrics in results.values():
-        check_finite(where, {k: v for k, v in metrics.items() if k in ("loss", metric)})
+        check_finite(where, {k: v for k, v in metrics.items() if k in ("loss", metric)}, fix=fix)
+    return results

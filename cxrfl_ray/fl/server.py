@@ -5,6 +5,7 @@ folder directly."""
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from dataclasses import dataclass, field
@@ -17,14 +18,14 @@ from tqdm import tqdm
 
 from cxrfl_ray.experiment import Prepared, evaluate_views
 from cxrfl_ray.fl.client import EXPERIMENT_KEY, load_global, weights_record
-from cxrfl_ray.fl.rounds import FailedRounds, check_global, train_round
+from cxrfl_ray.fl.rounds import FailedRounds, evaluate_global, train_round
 from cxrfl_ray.fl.state import load_state, restore_strategy, save_state
 from cxrfl_ray.fl.strategies import CLIENT_KEY, make_strategy, reply_client
 from cxrfl_ray.jsonio import write_json
 from cxrfl_ray.plots import plot_series
 from cxrfl_ray.tasks.checkpoint import save_checkpoint
 from cxrfl_ray.tasks.models import create_model
-from cxrfl_ray.tasks.training import located, seed_everything, select_device
+from cxrfl_ray.tasks.training import seed_everything, select_device
 from cxrfl_ray.tracking import MetricsSink, WandbRun
 
 log = logging.getLogger("cxrfl.fl")
@@ -118,14 +119,13 @@ def serve(grid: Grid, prep: Prepared, run_dir: Path, outcome: Outcome, *, quiet:
         ckpt = dict(cfg=cfg, num_classes=prep.num_classes, label_names=prep.label_names)
         best, best_round = None, None
         failed_rounds = FailedRounds(cfg.fl.min_replies, cfg.fl.max_failed_rounds)
+        evaluate_all = functools.partial(evaluate_views, prep, model, device, loss_fn, list(prep.views))
 
         def evaluate_round(server_round: int) -> dict:
             """The global model on every view; a diverged one stops the run before it is saved."""
             nonlocal best, best_round
             load_global(model, arrays)
-            with located(f"round {server_round}"):
-                results = evaluate_views(prep, model, device, loss_fn, list(prep.views))
-            check_global(server_round, arrays, results, main_metric)
+            results = evaluate_global(server_round, arrays, evaluate_all, main_metric, strategy)
             for (scope, vid), metrics in results.items():
                 sink.log(server_round, scope, vid, metrics)
             score = results.get(select_view, {}).get(main_metric)

@@ -30,14 +30,14 @@ class DivergedError(ValueError):
     the CLI prints one line) instead of averaging or saving it. ``where`` ("round 3", "epoch 0")
     is added by the loop that knows it; the task code that detects it does not."""
 
-    def __init__(self, what: str, where: str | None = None) -> None:
-        self.what, self.where = what, where
+    def __init__(self, what: str, where: str | None = None, fix: str = "train.lr") -> None:
+        self.what, self.where, self.fix = what, where, fix
         at = f" at {where}" if where else ""
-        super().__init__(f"diverged{at} ({what}): lower train.lr")
+        super().__init__(f"diverged{at} ({what}): lower {fix}")
 
-    def at(self, where: str) -> "DivergedError":
+    def at(self, where: str, fix: str | None = None) -> "DivergedError":
         """This error, located (kept as it is when it already names where)."""
-        return self if self.where else DivergedError(self.what, where)
+        return self if self.where else DivergedError(self.what, where, fix or self.fix)
 
 
 def nonfinite_value(values: Mapping[str, float]) -> str | None:
@@ -59,21 +59,21 @@ def nonfinite_tensor(tensors: Mapping[str, torch.Tensor | np.ndarray]) -> str | 
 
 
 def check_finite(where: str, values: Mapping[str, float] | None = None,
-                 tensors: Mapping[str, torch.Tensor] | None = None) -> None:
+                 tensors: Mapping[str, torch.Tensor] | None = None, fix: str = "train.lr") -> None:
     """Raise ``DivergedError`` at ``where`` if a value (e.g. ``{"loss": ...}``) or a weight is not finite."""
     what = nonfinite_value(values or {}) or (nonfinite_tensor(tensors) if tensors else None)
     if what:
-        raise DivergedError(what, where)
+        raise DivergedError(what, where, fix)
 
 
 @contextmanager
-def located(where: str):
+def located(where: str, fix: str | None = None):
     """Name ``where`` in a ``DivergedError`` raised inside (the task code that detects non-finite
     outputs does not know the round or epoch)."""
     try:
         yield
     except DivergedError as exc:
-        raise exc.at(where) from None
+        raise exc.at(where, fix) from None
 
 
 def make_optimizer(params: Iterable[nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:

@@ -11,7 +11,8 @@ import torch
 from flwr.app import ArrayRecord, MetricRecord, RecordDict
 
 from cxrfl_ray.config import ConfigError, build_config
-from cxrfl_ray.fl.rounds import Failure, FailedRounds, FederationFailed, check_global, error_reason, nonfinite_update
+from cxrfl_ray.fl.rounds import (Failure, FailedRounds, FederationFailed, error_reason, evaluate_global,
+                                 nonfinite_update)
 from cxrfl_ray.fl.state import check_resume, load_state, save_state
 from cxrfl_ray.tasks.training import DivergedError
 
@@ -74,14 +75,26 @@ def test_a_round_where_every_update_diverged_stops_with_the_divergence_error():
 
 
 def test_a_nonfinite_global_model_or_metric_is_divergence_at_its_round():
-    finite = ArrayRecord({"fc.weight": torch.ones(2, 2)})
-    check_global(4, finite, {("central", "val"): {"loss": 0.7, "accuracy": 0.5, "auroc_0": 0.5}}, "accuracy")
+    from flwr.serverapp.strategy import FedAdam, FedAvg
+
+    from cxrfl_ray.tasks.classification import metrics_from_proba
+
+    finite, fedavg = ArrayRecord({"fc.weight": torch.ones(2, 2)}), FedAvg()
+    view = {("central", "val"): {"loss": 0.7, "accuracy": 0.5, "auroc_0": 0.5}}
+    assert evaluate_global(4, finite, lambda: view, "accuracy", fedavg) == view
     with pytest.raises(DivergedError, match=r"^diverged at round 4 \(loss inf\): lower train.lr$"):
-        check_global(4, finite, {("central", "val"): {"loss": float("inf"), "accuracy": 0.3}}, "accuracy")
+        evaluate_global(4, finite, lambda: {("central", "val"): {"loss": float("inf"), "accuracy": 0.3}}, "accuracy", fedavg)
     with pytest.raises(DivergedError, match=r"^diverged at round 4 \(jaccard nan\): lower train.lr$"):
-        check_global(4, finite, {("site", "s1"): {"loss": 0.1, "jaccard": float("nan")}}, "jaccard")
+        evaluate_global(4, finite, lambda: {("site", "s1"): {"loss": 0.1, "jaccard": float("nan")}}, "jaccard", fedavg)
+    with pytest.raises(DivergedError, match=r"^diverged at round 1 \(non-finite model outputs for 1 of 1 images\): "
+                                            r"lower train.lr$"):  # the task's own check, located at the round
+        evaluate_global(1, finite, lambda: metrics_from_proba(np.array([[np.nan] * 3]), np.array([0])), "accuracy", fedavg)
+    nan = ArrayRecord({"fc.weight": torch.tensor([1.0, float("nan")])})
     with pytest.raises(DivergedError, match=r"^diverged at round 2 \(nan in fc.weight\): lower train.lr$"):
-        check_global(2, ArrayRecord({"fc.weight": torch.tensor([1.0, float("nan")])}), {}, "accuracy")
+        evaluate_global(2, nan, lambda: pytest.fail("a non-finite model is not evaluated"), "accuracy", fedavg)
+    with pytest.raises(DivergedError, match=r"^diverged at round 2 \(nan in fc.weight\): lower train.lr or "
+                                            r"fl.strategy.options.eta$"):  # the server's own step can diverge
+        evaluate_global(2, nan, dict, "accuracy", FedAdam())
 
 
 def fingerprinted_run(tmp_path, **train):
