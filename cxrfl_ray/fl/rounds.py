@@ -50,6 +50,7 @@ def nonfinite_update(content: RecordDict) -> str | None:
 
 
 _EXCEPTION_LINE = re.compile(r"^(?:[A-Za-z_][\w.]*\.)?([A-Za-z_]\w*(?:Error|Exception|Failure|Exit)): (.+)$")
+_FLOWER_REASON = re.compile(r"^<class '(?:[\w.]+\.)?([\w()]+)'>:<'(.*)$")  # str(type(ex)) + ":<'" + str(ex) + "'>"
 _WRAPPERS = ("ClientAppException", "RayTaskError", "RayActorError")
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
@@ -57,13 +58,19 @@ _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 def error_reason(reason: str, limit: int = 300) -> str:
     """The client's own exception as one line (``InjectedClientFailure: injected failure of client
     0 in round 1``) out of Flower's error reason, which wraps it in Flower's and Ray's exception
-    types and a remote traceback; else the reason's last line."""
+    types and a remote traceback; else the wrapping exception's first line (a dead actor: Ray's
+    ``ActorDiedError`` and how its process ended)."""
     lines = [line.rstrip() for line in _ANSI.sub("", reason).splitlines() if line.strip()]
     for line in lines:
         m = _EXCEPTION_LINE.match(line)
         if m and m.group(1) not in _WRAPPERS:
             return f"{m.group(1)}: {m.group(2).removesuffix(chr(39) + '>')}"[:limit]
-    return (lines[-1].strip().removesuffix("'>") if lines else reason)[:limit]
+    m = _FLOWER_REASON.match(lines[0]) if lines else None
+    if m is None:
+        return (lines[-1].strip() if lines else reason)[:limit]
+    exit_type = re.search(r"Worker exit type: (\w+)", reason)
+    how = f" (worker exit type {exit_type.group(1)}; a common cause is the OOM killer)" if exit_type else ""
+    return f"{m.group(1)}: {m.group(2).removesuffix(chr(39) + '>')}{how}"[:limit]
 
 
 def screen(messages: list[Message], replies: list[Message], timeout: float) -> tuple[list[Message], list[Failure]]:

@@ -38,8 +38,11 @@ def test_the_client_exception_is_found_in_flowers_error_reason():
               "flwr.clientapp.client_app.ClientAppException: \n"
               "Exception ClientAppException occurred. Message: injected failure of client 0 in round 1'>")
     assert error_reason(reason) == "InjectedClientFailure: injected failure of client 0 in round 1"
-    assert error_reason("<class 'ray.exceptions.ActorDiedError'>:<'The actor died unexpectedly'>") == \
-        "<class 'ray.exceptions.ActorDiedError'>:<'The actor died unexpectedly"
+    died = ("<class 'ray.exceptions.ActorDiedError'>:<'The actor died unexpectedly before finishing this task.\n"
+            "\tclass_name: ClientActor\n\tpid: 24016\nThe actor is dead because its worker process has died. Worker "
+            "exit type: SYSTEM_ERROR Worker exit detail: Worker unexpectedly exits with a connection error code 2.'>")
+    assert error_reason(died) == ("ActorDiedError: The actor died unexpectedly before finishing this task. (worker "
+                                  "exit type SYSTEM_ERROR; a common cause is the OOM killer)")
 
 
 def test_failed_rounds_keep_count_across_a_resume_and_fail_the_run_quoting_the_first_error():
