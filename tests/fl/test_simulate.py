@@ -111,6 +111,9 @@ def test_invalid_runs_stop_before_ray_starts(phantoms, tmp_path, monkeypatch):
         run_federated(config(data, tmp_path, fl={"strategy": {"name": "fedadam", "options": {"etta": 0.1}}}))
     with pytest.raises(ConfigError, match=r"more clients \(500\) than patients"):
         run_federated(config(data, tmp_path, partition={"clients": 500}))
+    with pytest.raises(ConfigError, match="^fl.min_replies 3 is more than the 2 clients trained per round: every "
+                                          "round would fail$"):
+        run_federated(config(data, tmp_path, fl={"min_replies": 3}))
     from cxrfl_ray.data.writer import DatasetWriter
     from tests.conftest import make_rows
 
