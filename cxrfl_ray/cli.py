@@ -90,9 +90,10 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 
 def cmd_card(args: argparse.Namespace) -> int:
     from cxrfl_ray.data.store import open_dataset
+    from cxrfl_ray.jsonio import dumps
 
     card = open_dataset(args.dataset).card
-    print(json.dumps(card, indent=2) if args.json else summarize_card(card))
+    print(dumps(card, indent=2) if args.json else summarize_card(card))
     return 0
 
 

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +13,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from cxrfl_ray.config import ExperimentConfig, build_config
+from cxrfl_ray.jsonio import dumps
 from cxrfl_ray.tasks.models import ModelError, create_model
 
 FORMAT = "cxrfl-checkpoint-1"
@@ -25,18 +25,22 @@ class CheckpointError(ValueError):
 
 def save_checkpoint(path: str | Path, model: nn.Module, cfg: ExperimentConfig, num_classes: int,
                     label_names: list[str], info: dict[str, Any] | None = None) -> Path:
-    """Write the model's state dict with the config and label names as safetensors metadata."""
+    """Write the model's state dict with the config and label names as safetensors metadata.
+    A model with a non-finite weight is refused: a diverged model must never land as a checkpoint."""
     path = Path(path)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    bad = next((k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())), None)
+    if bad is not None:
+        raise CheckpointError(f"{path}: not saved, the model's {bad} holds non-finite values (the run diverged)")
     meta = {
         "format": FORMAT,
         "model": cfg.model.name,
         "task": cfg.task,
         "in_chans": str(cfg.data.channels),
         "num_classes": str(num_classes),
-        "label_names": json.dumps(label_names),
+        "label_names": dumps(label_names),
         "config": cfg.to_yaml(),
-        "info": json.dumps(info or {}),
+        "info": dumps(info or {}),
     }
     tmp = path.with_suffix(".tmp")
     save_file(state, tmp, metadata=meta)

@@ -41,3 +41,14 @@ def test_wrong_task_wrong_shape_and_foreign_files(tmp_path):
     (tmp_path / "pickle.pth").write_bytes(b"\x80\x04junk")
     with pytest.raises(CheckpointError, match="not a safetensors checkpoint"):
         load_checkpoint(tmp_path / "pickle.pth")
+
+
+def test_a_model_with_non_finite_weights_is_never_written(tmp_path):
+    cfg = build_config({"model": {"name": "tiny-conv"}})
+    model = create_model("tiny-conv", "classification", 1, 3)
+    name, param = next(iter(model.named_parameters()))
+    with torch.no_grad():
+        param.view(-1)[0] = float("inf")
+    with pytest.raises(CheckpointError, match=f"not saved, the model's {name} holds non-finite values"):
+        save_checkpoint(tmp_path / "best.safetensors", model, cfg, 3, ["a", "b", "c"])
+    assert list(tmp_path.iterdir()) == []
