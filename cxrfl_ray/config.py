@@ -146,7 +146,8 @@ class TrainConfig(Section):
 
 
 StrategyName = Literal["fedavg", "fedadam", "fedyogi", "fedadagrad", "fedprox", "fedavgm",
-                       "fedmedian", "fedtrimmedavg", "krum"]
+                       "fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan", "qfedavg",
+                       "fedbn", "scaffold", "fednova"]
 
 
 class StrategyConfig(Section):

@@ -21,9 +21,13 @@ from torch.utils.data import DataLoader
 from cxrfl_ray.config import ExperimentConfig, build_config
 from cxrfl_ray.data.torch_dataset import ClientImages
 from cxrfl_ray.experiment import Prepared, prepare
+from cxrfl_ray.fl.algorithms import Algorithm, ClientRound, make_algorithm
+from cxrfl_ray.fl.algorithms.base import trainable_state
+from cxrfl_ray.fl.client_state import STATE_DIR_KEY, STATE_ROUND_KEY, ClientStateStore
 from cxrfl_ray.fl.strategies import CLIENT_KEY
 from cxrfl_ray.tasks.models import create_model
-from cxrfl_ray.tasks.training import make_optimizer, make_scheduler, seed_everything, select_device, train_local
+from cxrfl_ray.tasks.training import (LocalHooks, make_optimizer, make_scheduler, seed_everything, select_device,
+                                      train_local)
 
 EXPERIMENT_KEY = "experiment"  # the resolved config YAML, carried by every message
 SITE_DATA_KEY = "data-path"  # a real SuperNode's own dataset: --node-config 'data-path="/data/site"'
@@ -42,6 +46,7 @@ class Runtime:
     model: torch.nn.Module
     device: torch.device
     loss_fn: torch.nn.Module
+    algorithm: Algorithm
     site: bool = False  # a real federation's node: its own dataset is its one client
     images: dict[int, ClientImages] = field(default_factory=dict)
 
@@ -77,19 +82,15 @@ def runtime(config_yaml: str, site_data: str | None = None) -> Runtime:
         model = create_model(cfg.model.name, cfg.task, cfg.data.channels, prep.num_classes, norm=cfg.model.norm).to(device)
         loss_fn = prep.task.make_loss(cfg.loss_name, cfg.train.class_weights).to(device)
         _RUNTIMES.clear()  # one experiment per actor at a time
-        _RUNTIMES[key] = Runtime(cfg, prep, model, device, loss_fn, site=bool(site_data))
+        _RUNTIMES[key] = Runtime(cfg, prep, model, device, loss_fn, make_algorithm(cfg), site=bool(site_data))
     return _RUNTIMES[key]
 
 
-def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The state dict without BatchNorm's step counters, which must not be averaged."""
-    return {k: v for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
-
-
-def weights_record(model: torch.nn.Module) -> ArrayRecord:
-    """``ArrayRecord(trainable_state(model))``, byte for byte, with one copy per tensor: Flower's
-    ``np.save`` into a BytesIO copies each tensor three times (60 ms of a ResNet50 message)."""
-    return ArrayRecord({k: _npy_array(v) for k, v in trainable_state(model).items()})
+def weights_record(model: torch.nn.Module, state: dict[str, torch.Tensor] | None = None) -> ArrayRecord:
+    """``ArrayRecord(trainable_state(model))`` (or of ``state``), byte for byte, with one copy per
+    tensor: Flower's ``np.save`` into a BytesIO copies each tensor three times (60 ms of a ResNet50
+    message)."""
+    return ArrayRecord({k: _npy_array(v) for k, v in (trainable_state(model) if state is None else state).items()})
 
 
 def _npy_array(tensor: torch.Tensor) -> Array:
@@ -127,17 +128,7 @@ def _failure_draw(seed: int, server_round: int, cid: int) -> float:
     return float(np.random.default_rng([seed, 13, server_round, cid]).random())
 
 
-def _proximal_term(model: torch.nn.Module, mu: float):
-    """FedProx: (mu / 2) * ||w - w_global||^2, anchored at the weights the round started from."""
-    anchor = [p.detach().clone() for p in model.parameters()]
-
-    def term(m: torch.nn.Module) -> torch.Tensor:
-        return (mu / 2) * sum(((p - a) ** 2).sum() for p, a in zip(m.parameters(), anchor))
-
-    return term
-
-
-def fit_client(rt: Runtime, cid: int, server_round: int, proximal_mu: float = 0.0) -> dict[str, float]:
+def fit_client(rt: Runtime, cid: int, server_round: int, hooks: LocalHooks | None = None) -> dict[str, float]:
     """One client's local work in one round, on the model as it is (the global weights).
 
     Every random choice comes from (seed, round, client), so the result does not depend on
@@ -150,16 +141,27 @@ def fit_client(rt: Runtime, cid: int, server_round: int, proximal_mu: float = 0.
                         generator=torch.Generator().manual_seed(cfg.seed + 7919 * server_round + cid),
                         num_workers=cfg.data.num_workers)
     optimizer = make_optimizer(rt.model.parameters(), cfg.train)
-    regulariser = _proximal_term(rt.model, proximal_mu) if proximal_mu > 0 else None
     per_round = (cfg.train.steps or len(loader)) * cfg.train.epochs
     scheduler = make_scheduler(optimizer, cfg.train, per_round * cfg.fl.rounds, per_round * (server_round - 1))
     return train_local(rt.model, loader, rt.loss_fn, optimizer, rt.device, epochs=cfg.train.epochs,
-                       steps=cfg.train.steps, first_epoch=server_round * cfg.train.epochs, regulariser=regulariser,
+                       steps=cfg.train.steps, first_epoch=server_round * cfg.train.epochs, hooks=hooks,
                        scheduler=scheduler)
 
 
 def _site_data(context: Context) -> str | None:
     return str(context.node_config[SITE_DATA_KEY]) if SITE_DATA_KEY in context.node_config else None
+
+
+def _state_store(rt: Runtime, context: Context, config, cid: int) -> ClientStateStore | None:
+    """Where this client's state files are: on a real site its own ``state-dir`` (node config),
+    in a simulation the run folder the server names."""
+    if not rt.algorithm.keeps_client_state:
+        return None
+    root = context.node_config.get(STATE_DIR_KEY) or config.get(STATE_DIR_KEY)
+    if not root:
+        raise ValueError(f"{rt.algorithm.name} keeps client state, but neither the node config nor the message "
+                         f"names a {STATE_DIR_KEY}")
+    return ClientStateStore(str(root), cid)
 
 
 app = ClientApp()
@@ -177,11 +179,14 @@ def train(msg: Message, context: Context) -> Message:
         raise InjectedClientFailure(f"injected failure of client {cid} in round {server_round}")
     started = time.perf_counter()
     load_global(rt.model, msg.content["arrays"])
-    fit = fit_client(rt, cid, server_round, float(config.get("proximal_mu", 0.0)))
-    images = rt.client_images(cid)
-    metrics = MetricRecord({CLIENT_KEY: cid, "num-examples": len(images), "train_loss": fit["loss"],
+    work = rt.algorithm.local(ClientRound(cid, server_round, rt.model, cfg, msg.content, _state_store(rt, context, config, cid),
+                                          int(config.get(STATE_ROUND_KEY, 0))))
+    work.begin()
+    fit = fit_client(rt, cid, server_round, hooks=work)
+    extra = work.finish(fit)
+    metrics = MetricRecord({CLIENT_KEY: cid, "num-examples": len(rt.client_images(cid)), "train_loss": fit["loss"],
                             "steps": fit["steps"], "fit_seconds": time.perf_counter() - started})
-    content = RecordDict({"arrays": weights_record(rt.model), "metrics": metrics})
+    content = RecordDict({"arrays": weights_record(rt.model, work.reply_weights()), "metrics": metrics, **extra})
     return Message(content=content, reply_to=msg)
 
 

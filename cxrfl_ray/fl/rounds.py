@@ -16,9 +16,12 @@ import re
 from dataclasses import asdict, dataclass
 from typing import Callable
 
+import numpy as np
 from flwr.app import ArrayRecord, Message, RecordDict
 
+from cxrfl_ray.fl.algorithms import Algorithm, make_algorithm
 from cxrfl_ray.fl.client import _npy_view
+from cxrfl_ray.fl.client_state import AcceptedStates
 from cxrfl_ray.fl.strategies import CLIENT_KEY, reply_client
 from cxrfl_ray.tasks.training import DivergedError, check_finite, located, nonfinite_tensor, nonfinite_value
 
@@ -44,9 +47,11 @@ class Failure:
 
 def nonfinite_update(content: RecordDict) -> str | None:
     """``"train loss nan"`` or ``"inf in fc.weight"`` for a training reply's content whose update
-    is not finite (None: it can be averaged)."""
+    (its weights, and any record an algorithm adds, e.g. SCAFFOLD's control delta) is not finite
+    (None: it can be averaged)."""
     return (nonfinite_value({"train loss": float(content["metrics"]["train_loss"])})
-            or nonfinite_tensor({k: _npy_view(v) for k, v in content["arrays"].items()}))
+            or next((bad for record in content.array_records.values()
+                     if (bad := nonfinite_tensor({k: _npy_view(v) for k, v in record.items()}))), None))
 
 
 _EXCEPTION_LINE = re.compile(r"^(?:[A-Za-z_][\w.]*\.)?([A-Za-z_]\w*(?:Error|Exception|Failure|Exit)): (.+)$")
@@ -147,18 +152,49 @@ class Trained:
     info: dict[str, float]  # train_loss of the aggregated round (absent for a failed round)
 
 
+@dataclass
+class ServerHooks:
+    """The server's side of the seam for one run: the algorithm, the failed-round policy, and
+    (for algorithms with client state) which state file of each client counts."""
+
+    algorithm: Algorithm
+    policy: FailedRounds
+    accepted: AcceptedStates | None = None
+
+    @classmethod
+    def for_run(cls, cfg, num_clients: int, state_root) -> "ServerHooks":
+        algorithm = make_algorithm(cfg)
+        accepted = AcceptedStates(num_clients, state_root) if algorithm.keeps_client_state else None
+        return cls(algorithm, FailedRounds(cfg.fl.min_replies, cfg.fl.max_failed_rounds), accepted)
+
+    def state(self) -> dict[str, np.ndarray]:
+        """Tensors saved with the round state (``extra`` holds the policy's streak)."""
+        return {**self.algorithm.state(), **({"accepted_rounds": self.accepted.rounds} if self.accepted else {})}
+
+    def restore(self, tensors: dict[str, np.ndarray], extra: dict) -> None:
+        self.policy.restore(extra)
+        if self.accepted is not None:
+            self.accepted.rounds = tensors.pop("accepted_rounds").astype(np.int32)
+        self.algorithm.restore(tensors)
+
+
 def train_round(strategy, grid, server_round: int, arrays: ArrayRecord, config, timeout: float,
-                policy: FailedRounds) -> Trained:
-    """Send the round's cohort the global weights; aggregate the usable updates (Flower's math,
-    in client-id order) if the round did not fail, else keep ``arrays`` as they are."""
+                hooks: ServerHooks) -> Trained:
+    """Send the round's cohort the global weights (and the algorithm's records); aggregate the
+    usable updates in client-id order if the round did not fail, else keep ``arrays`` as they are."""
+    accepted = hooks.accepted
+    strategy.round_extras = (hooks.algorithm.message_records(server_round, arrays),
+                             accepted.message_config if accepted else None)
     messages = list(strategy.configure_train(server_round, arrays, config, grid))
     good, failures = screen(messages, list(grid.send_and_receive(messages, timeout=timeout)), timeout)
     info: dict[str, float] = {}
-    if policy.judge(server_round, len(messages), len(good), failures):
-        new_arrays, aggregated = strategy.aggregate_train(server_round, good)
+    if hooks.policy.judge(server_round, len(messages), len(good), failures):
+        new_arrays, aggregated = hooks.algorithm.aggregate(strategy, server_round, arrays, good)
         arrays = arrays if new_arrays is None else new_arrays
         if aggregated is not None:
             info["train_loss"] = float(aggregated["train_loss"])
+        if accepted is not None:
+            accepted.accept(server_round, [reply_client(r) for r in good])
     return Trained(arrays, len(messages), good, failures, info)
 
 

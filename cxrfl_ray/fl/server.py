@@ -18,8 +18,8 @@ from tqdm import tqdm
 
 from cxrfl_ray.experiment import Prepared, evaluate_views
 from cxrfl_ray.fl.client import EXPERIMENT_KEY, load_global, weights_record
-from cxrfl_ray.fl.rounds import FailedRounds, evaluate_global, train_round
-from cxrfl_ray.fl.state import load_state, restore_strategy, save_state
+from cxrfl_ray.fl.rounds import ServerHooks, evaluate_global, train_round
+from cxrfl_ray.fl.state import load_algorithm_state, load_state, restore_strategy, save_state
 from cxrfl_ray.fl.strategies import CLIENT_KEY, make_strategy, reply_client
 from cxrfl_ray.jsonio import write_json
 from cxrfl_ray.plots import plot_series
@@ -118,14 +118,16 @@ def serve(grid: Grid, prep: Prepared, run_dir: Path, outcome: Outcome, *, quiet:
             else ("central", cfg.data.test_split)
         ckpt = dict(cfg=cfg, num_classes=prep.num_classes, label_names=prep.label_names)
         best, best_round = None, None
-        failed_rounds = FailedRounds(cfg.fl.min_replies, cfg.fl.max_failed_rounds)
-        evaluate_all = functools.partial(evaluate_views, prep, model, device, loss_fn, list(prep.views))
+        hooks = ServerHooks.for_run(cfg, num_clients, None if sites else run_dir / "clients")
+        evaluate_keys = functools.partial(evaluate_views, prep, model, device, loss_fn)
+        evaluate_all = functools.partial(evaluate_keys, list(prep.views))
 
         def evaluate_round(server_round: int) -> dict:
             """The global model on every view; a diverged one stops the run before it is saved."""
             nonlocal best, best_round
             load_global(model, arrays)
             results = evaluate_global(server_round, arrays, evaluate_all, main_metric, strategy)
+            results.update(hooks.algorithm.evaluate_personal(server_round, model, prep, hooks.accepted, evaluate_keys))
             for (scope, vid), metrics in results.items():
                 sink.log(server_round, scope, vid, metrics)
             score = results.get(select_view, {}).get(main_metric)
@@ -137,13 +139,13 @@ def serve(grid: Grid, prep: Prepared, run_dir: Path, outcome: Outcome, *, quiet:
             return results
 
         def save(server_round: int) -> None:
-            extra = {"best": best, "best_round": best_round, "failures_total": failures_total, **failed_rounds.state()}
-            save_state(run_dir, server_round, arrays, strategy, extra, cfg)
+            extra = {"best": best, "best_round": best_round, "failures_total": failures_total, **hooks.policy.state()}
+            save_state(run_dir, server_round, arrays, strategy, extra, cfg, hooks.state())
 
         if resume:
             done, arrays, strategy_state, extra = load_state(run_dir)
             restore_strategy(strategy, strategy_state)
-            failed_rounds.restore(extra)
+            hooks.restore(load_algorithm_state(run_dir), extra)
             best, best_round, failures_total = extra["best"], extra["best_round"], extra["failures_total"]
             sink = MetricsSink.resume(run_dir / "metrics.parquet", done)
             results = {}
@@ -163,7 +165,7 @@ def serve(grid: Grid, prep: Prepared, run_dir: Path, outcome: Outcome, *, quiet:
             wait_for_sites(grid, num_clients, cfg.fl.round_timeout)
         bar = tqdm(total=cfg.fl.rounds, initial=done, unit="round", desc=cfg.name, disable=quiet, leave=False)
         for server_round in range(done + 1, cfg.fl.rounds + 1):
-            trained = train_round(strategy, grid, server_round, arrays, train_config, cfg.fl.round_timeout, failed_rounds)
+            trained = train_round(strategy, grid, server_round, arrays, train_config, cfg.fl.round_timeout, hooks)
             arrays = trained.arrays
             failures_total += len(trained.failures)
             _log_clients(sink, server_round, "client", trained.good)

@@ -1,7 +1,9 @@
 """Round state saved after every round, so an interrupted simulation resumes exactly.
 
 One safetensors file: the global weights, the strategy's own state (FedAdam/FedYogi/FedAdagrad
-moments ``m_t``/``v_t``, FedAvgM's ``momentum_vector``) and, as metadata, the round, the best
+moments ``m_t``/``v_t``, FedAvgM's ``momentum_vector``), the algorithm's server state (``algorithm/``:
+SCAFFOLD's server control variate, the round of each client's last accepted state file) and, as
+metadata, the round, the best
 score so far, the failure counts and the config the rounds ran with (canonical JSON and its
 sha256). Client selection and client randomness are pure functions of (seed, round, client), so
 nothing else is needed to continue identically, provided the config is the same: ``check_resume``
@@ -57,8 +59,12 @@ def format_changes(changes: dict[str, tuple], limit: int = 8) -> str:
 
 
 def save_state(run_dir: Path, server_round: int, arrays: ArrayRecord, strategy: Any, extra: dict,
-               cfg: Any = None) -> Path:
+               cfg: Any = None, algorithm: dict[str, np.ndarray] | None = None) -> Path:
+    """``algorithm``: the algorithm's server state (SCAFFOLD's c, which client state each client's
+    last accepted round left), read back by ``load_algorithm_state``."""
     tensors = {f"global/{k}": v.contiguous() for k, v in arrays.to_torch_state_dict().items()}
+    for k, v in (algorithm or {}).items():
+        tensors[f"algorithm/{k}"] = torch.from_numpy(np.ascontiguousarray(v))
     for attr in _DICT_STATES:
         for k, v in (getattr(strategy, attr, None) or {}).items():
             tensors[f"{attr}/{k}"] = torch.from_numpy(np.ascontiguousarray(v))
@@ -125,6 +131,12 @@ def load_state(run_dir: Path) -> tuple[int, ArrayRecord, dict[str, Any], dict]:
     if "momentum_vector" in groups:
         strategy_state["momentum_vector"] = [groups["momentum_vector"][k].numpy() for k in sorted(groups["momentum_vector"])]
     return int(meta["round"]), ArrayRecord(groups["global"]), strategy_state, json.loads(meta["extra"])
+
+
+def load_algorithm_state(run_dir: Path) -> dict[str, np.ndarray]:
+    """The algorithm's server state saved with the last completed round (empty: none)."""
+    with safe_open(str(run_dir / STATE_FILE), framework="pt") as fh:
+        return {k.split("/", 1)[1]: fh.get_tensor(k).numpy() for k in fh.keys() if k.startswith("algorithm/")}
 
 
 def restore_strategy(strategy: Any, state: dict[str, Any]) -> None:

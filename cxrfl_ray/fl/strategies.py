@@ -11,15 +11,18 @@ from __future__ import annotations
 from typing import Any, Iterable
 
 import numpy as np
-from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import (FedAdagrad, FedAdam, FedAvg, FedAvgM, FedMedian, FedProx,
-                                     FedTrimmedAvg, FedYogi, Krum)
+from flwr.serverapp.strategy import (Bulyan, FedAdagrad, FedAdam, FedAvg, FedAvgM, FedMedian, FedProx,
+                                     FedTrimmedAvg, FedYogi, Krum, MultiKrum, QFedAvg)
 
+# The Flower strategy that aggregates under each name. fedbn, scaffold and fednova are FedAvg's
+# averaging with an algorithm's hooks around it (fl/algorithms); fedprox's hooks add the proximal term.
 STRATEGIES: dict[str, type[FedAvg]] = {
     "fedavg": FedAvg, "fedadam": FedAdam, "fedyogi": FedYogi, "fedadagrad": FedAdagrad,
     "fedprox": FedProx, "fedavgm": FedAvgM, "fedmedian": FedMedian,
-    "fedtrimmedavg": FedTrimmedAvg, "krum": Krum,
+    "fedtrimmedavg": FedTrimmedAvg, "krum": Krum, "multikrum": MultiKrum, "bulyan": Bulyan, "qfedavg": QFedAvg,
+    "fedbn": FedAvg, "scaffold": FedAvg, "fednova": FedAvg,
 }
 CLIENT_KEY = "cid"  # which plan client a message is for, and a reply is from
 
@@ -83,11 +86,16 @@ class Seeded:
         return super().configure_evaluate(server_round, arrays, config, self._route(grid, clients))
 
     def _construct_messages(self, record: RecordDict, node_ids: list[int], message_type: str) -> Iterable[Message]:
+        """One message per node, for its plan client; training messages also carry the algorithm's
+        records of the round and the client's own config (``round_extras``)."""
+        records, per_client = self.round_extras if message_type == MessageType.TRAIN else ({}, None)
         messages = []
         for node in sorted(node_ids):
-            config = ConfigRecord(dict(record[self.configrecord_key]))
-            config[CLIENT_KEY] = self._assignment[node]
-            content = RecordDict({self.arrayrecord_key: record[self.arrayrecord_key], self.configrecord_key: config})
+            cid = self._assignment[node]
+            config = ConfigRecord({**dict(record[self.configrecord_key]), **(per_client(cid) if per_client else {})})
+            config[CLIENT_KEY] = cid
+            content = RecordDict({self.arrayrecord_key: record[self.arrayrecord_key], self.configrecord_key: config,
+                                  **records})
             messages.append(Message(content=content, message_type=message_type, dst_node_id=node))
         return messages
 
@@ -119,8 +127,11 @@ def keep_mean(records: list[RecordDict], weighting_key: str) -> MetricRecord:
 def make_strategy(name: str, options: dict[str, Any], *, num_clients: int, per_round: int, seed: int,
                   client_eval: bool, sites: bool = False) -> FedAvg:
     """A seeded instance of the named Flower strategy; bad options name the strategy."""
+    from cxrfl_ray.fl.algorithms import algorithm_class
+
     base = STRATEGIES[name]
     cls = type(f"Seeded{base.__name__}", (Seeded, base), {})
+    options = {k: v for k, v in options.items() if k not in algorithm_class(name).options}  # the algorithm's own
     kwargs = dict(fraction_train=1.0, fraction_evaluate=1.0 if client_eval else 0.0, min_train_nodes=1,
                   min_evaluate_nodes=1, min_available_nodes=1, train_metrics_aggr_fn=keep_mean,
                   evaluate_metrics_aggr_fn=keep_mean)
@@ -130,4 +141,5 @@ def make_strategy(name: str, options: dict[str, Any], *, num_clients: int, per_r
         raise ValueError(f"fl.strategy.options for {name}: {exc}") from None
     strategy.num_clients, strategy.per_round, strategy.seed, strategy.sites = num_clients, per_round, seed, sites
     strategy.last_selection = []
+    strategy.round_extras = ({}, None)  # (records for every training message, client id -> its config)
     return strategy

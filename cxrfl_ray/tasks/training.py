@@ -132,6 +132,18 @@ def batches(loader, epochs: int, steps: int | None = None, first_epoch: int = 0)
                 break
 
 
+class LocalHooks:
+    """What a federated algorithm may add to local training (no-ops here): a term of the loss,
+    and a change to the gradients before each optimiser step. Tasks know nothing of Flower; the
+    algorithms (``fl/algorithms``) subclass this."""
+
+    def loss_term(self, model: nn.Module) -> torch.Tensor | None:
+        return None
+
+    def before_step(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        """Called after ``backward``, before ``optimizer.step`` (gradients are in ``p.grad``)."""
+
+
 def train_local(
     model: nn.Module,
     loader,
@@ -142,13 +154,14 @@ def train_local(
     epochs: int = 1,
     steps: int | None = None,
     first_epoch: int = 0,
-    regulariser: Callable[[nn.Module], torch.Tensor] | None = None,
+    hooks: "LocalHooks | None" = None,
     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
 ) -> dict[str, float]:
     """Train in place for ``epochs`` epochs (each a full pass, or ``steps`` steps); returns the
     mean loss, steps, examples and the next epoch index.
 
-    ``regulariser`` adds a term to the loss (e.g. FedProx's proximal term); ``scheduler`` is
+    ``hooks`` (an algorithm's local work, e.g. FedProx's proximal term or SCAFFOLD's gradient
+    correction) add a loss term and act between backward and the optimiser step; ``scheduler`` is
     stepped after every batch. A non-finite batch loss stops the training at once (more steps
     only spread NaN through the weights); the returned loss is then that value, and the caller
     refuses the result.
@@ -159,12 +172,15 @@ def train_local(
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         optimizer.zero_grad(set_to_none=True)
         loss = loss_fn(model(x), y)
-        if regulariser is not None:
-            loss = loss + regulariser(model)
+        term = hooks.loss_term(model) if hooks is not None else None
+        if term is not None:
+            loss = loss + term
         value = loss.item()
         if not math.isfinite(value):
             return {"loss": value, "steps": n_steps, "examples": seen, "next_epoch": last_epoch + 1}
         loss.backward()
+        if hooks is not None:
+            hooks.before_step(model, optimizer)
         optimizer.step()
         if scheduler is not None:
             scheduler.step()
