@@ -171,23 +171,35 @@ app = ClientApp()
 def train(msg: Message, context: Context) -> Message:
     config = msg.content["config"]
     rt = runtime(str(config[EXPERIMENT_KEY]), _site_data(context))
-    cfg = rt.cfg
     cid, server_round = int(config[CLIENT_KEY]), int(config["server-round"])
-    if _failure_draw(cfg.seed, server_round, cid) < cfg.faults.client_failure_rate:
-        if cfg.faults.failure == "exit":
-            os._exit(1)  # the actor's process dies; the backend replaces it
-        raise InjectedClientFailure(f"injected failure of client {cid} in round {server_round}")
+    _maybe_fail(rt.cfg, server_round, cid)
     started = time.perf_counter()
     load_global(rt.model, msg.content["arrays"])
-    work = rt.algorithm.local(ClientRound(cid, server_round, rt.model, cfg, msg.content, _state_store(rt, context, config, cid),
-                                          int(config.get(STATE_ROUND_KEY, 0))))
-    work.begin()
+    work = _begin_work(rt, msg, context, cid, server_round)
     fit = fit_client(rt, cid, server_round, hooks=work)
     extra = work.finish(fit)
     metrics = MetricRecord({CLIENT_KEY: cid, "num-examples": len(rt.client_images(cid)), "train_loss": fit["loss"],
                             "steps": fit["steps"], "fit_seconds": time.perf_counter() - started})
     content = RecordDict({"arrays": weights_record(rt.model, work.reply_weights()), "metrics": metrics, **extra})
     return Message(content=content, reply_to=msg)
+
+
+def _maybe_fail(cfg: ExperimentConfig, server_round: int, cid: int) -> None:
+    """The seeded failure of ``faults.client_failure_rate`` (to test and study dropout)."""
+    if _failure_draw(cfg.seed, server_round, cid) < cfg.faults.client_failure_rate:
+        if cfg.faults.failure == "exit":
+            os._exit(1)  # the actor's process dies; the backend replaces it
+        raise InjectedClientFailure(f"injected failure of client {cid} in round {server_round}")
+
+
+def _begin_work(rt: Runtime, msg: Message, context: Context, cid: int, server_round: int):
+    """The algorithm's local work for this client's round, begun (the model holds the global weights)."""
+    config = msg.content["config"]
+    ctx = ClientRound(cid, server_round, rt.model, rt.cfg, msg.content, _state_store(rt, context, config, cid),
+                      int(config.get(STATE_ROUND_KEY, 0)))
+    work = rt.algorithm.local(ctx)
+    work.begin()
+    return work
 
 
 @app.evaluate()
