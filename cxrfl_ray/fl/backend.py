@@ -20,8 +20,9 @@ It also copies model weights less (the messages and records stay Flower's):
 - an ``Array``'s bytes travel through Ray as an out-of-band buffer (``use_out_of_band_arrays``):
   Ray writes them once into its object store instead of into a pickle stream first, and the
   receiver reads them without an extra copy;
-- the global weights of a round (one ``ArrayRecord`` object in every message of the round) are
-  put in Ray's object store once per round, not once per message (``SharedArrays``).
+- the global weights of a round (one ``ArrayRecord`` object in every message of the round), and
+  any other record an algorithm sends with them, are put in Ray's object store once per round,
+  not once per message (``SharedArrays``).
 """
 
 from __future__ import annotations
@@ -102,25 +103,33 @@ RemoteClientActor = ray.remote(ClientActor)
 
 
 class SharedArrays:
-    """The latest ArrayRecord put in Ray's object store, reused while the same record object with
-    the same arrays comes again (the strategy sends one record to every client of a round)."""
+    """The ArrayRecords of the latest message put in Ray's object store, each reused while the
+    same record object with the same arrays comes again. Every message of a round carries the
+    same records (the global weights, and an algorithm's, e.g. SCAFFOLD's control variate), so a
+    round puts each once; holding only the latest one would re-put both for every message."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._held: tuple | None = None  # (record, its (name, bytes) pairs, object ref)
+        self._held: list[tuple] = []  # (record, its (name, bytes) pairs, object ref) of the latest message
+
+    def refs(self, records: list[ArrayRecord]) -> list:
+        """Object references for one message's records (the records of earlier messages go:
+        Ray frees them when unused)."""
+        held = []
+        with self._lock:
+            for record in records:
+                items = [(name, array.data) for name, array in record.items()]
+                hit = next((h for h in self._held if h[0] is record and _same(h[1], items)), None)
+                held.append(hit or (record, items, ray.put(record)))
+            self._held = held
+        return [h[2] for h in held]
 
     def ref(self, record: ArrayRecord):
-        items = [(name, array.data) for name, array in record.items()]
-        with self._lock:
-            if self._held is not None and self._held[0] is record and _same(self._held[1], items):
-                return self._held[2]
-            ref = ray.put(record)
-            self._held = (record, items, ref)  # the old reference goes: Ray frees it when unused
-            return ref
+        return self.refs([record])[0]
 
     def clear(self) -> None:
         with self._lock:
-            self._held = None
+            self._held = []
 
 
 def _same(old: list[tuple], new: list[tuple]) -> bool:
@@ -136,7 +145,7 @@ def split_arrays(message: Message, shared: SharedArrays) -> tuple[Message, list[
     names = [k for k in order if isinstance(content[k], ArrayRecord)]
     light = copy.copy(message)  # the link state's message is left as it is
     light.content = RecordDict({k: content[k] for k in order if k not in names})
-    return light, order, names, [shared.ref(content[k]) for k in names]
+    return light, order, names, shared.refs([content[k] for k in names])
 
 
 class PooledRayBackend(Backend):
