@@ -63,7 +63,7 @@ class FedBNWork(LocalWork):
                            f"client {self.ctx.cid}'s state of round {self.ctx.state_round}")
         else:  # first round: the global BN; the step counters (never sent) start at 0 whichever
             # client this actor played before, so the saved state does not depend on the actor
-            for name, module in model.named_modules():
+            for module in model.modules():
                 if isinstance(module, _BatchNorm) and module.num_batches_tracked is not None:
                     module.num_batches_tracked.zero_()
 
@@ -162,8 +162,10 @@ class FedBN(Algorithm):
         number of clients: clients of one site are IID splits of it, so a few represent it.
 
         In a real federation (``accepted.root`` is None) the BN states are on the sites, out of
-        the server's reach: nothing is returned, and client-side evaluation (``fl.client_eval``)
-        on each site, with its own BN, is the way to a personal result there.
+        the server's reach, and nothing is returned: the way to a personal result there is
+        client-side evaluation (``fl.client_eval``) on each site with its own BN (the ClientApp's
+        ``evaluate`` scores the global model as sent today; loading the site's BN there is the
+        step left).
         """
         if accepted is None or accepted.root is None or self.personal_clients == 0:
             return {}
