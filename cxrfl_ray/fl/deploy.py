@@ -23,6 +23,7 @@ from flwr.serverapp import Grid, ServerApp
 from cxrfl_ray.config import ConfigError, load_config
 from cxrfl_ray.experiment import prepare
 from cxrfl_ray.fl.server import Outcome, serve
+from cxrfl_ray.fl.algorithms import algorithm_class
 from cxrfl_ray.fl.state import check_resume, saved_round
 
 server_app = ServerApp()
@@ -35,6 +36,10 @@ def main(grid: Grid, context: Context) -> None:
         raise ConfigError("run config 'config' is empty: pass --run-config 'config=\"/path/to/experiment.yaml\"'")
     cfg = load_config(str(rc["config"]), shlex.split(str(rc.get("set", ""))))
     prep = prepare(cfg, role="server")  # checks the evaluation data before any site trains
+    try:
+        algorithm_class(cfg.fl.strategy.name).check(prep.cfg)  # e.g. FedBN without BatchNorm
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     run_dir = Path(str(rc.get("out") or Path(cfg.out_dir) / f"{cfg.name}-deploy"))
     done = saved_round(run_dir)
     if done is not None and done >= cfg.fl.rounds:
