@@ -268,6 +268,16 @@ def cmd_study(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_benchmark(args: argparse.Namespace) -> int:
+    from cxrfl_ray.benchmark import run_benchmark
+
+    out = run_benchmark(args.spec, out=args.out, overrides=args.set, methods=args.methods, seeds=args.seeds,
+                        max_concurrent=args.max_concurrent, address=args.address, quiet=args.quiet)
+    print((out / "benchmark.md").read_text())
+    print(f"report: {(out / 'benchmark.md').resolve()}")
+    return 0
+
+
 def cmd_submit(args: argparse.Namespace) -> int:
     from cxrfl_ray.jobs import submit
 
@@ -457,6 +467,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a spec field, e.g. --set segmentation.set.fl.rounds=5 (repeatable)")
     p.add_argument("--quiet", action="store_true", help="no per-round or per-epoch lines")
     p.set_defaults(func=cmd_study)
+
+    p = sub.add_parser("benchmark", help="pooled, local-only and federated methods on every site and held-out "
+                                         "site, over seeds, same budget (FLamby-style; Ray Tune trials)")
+    p.add_argument("spec", help="benchmark spec YAML (tune_configs/benchmark_sites.yaml) or an experiment config")
+    p.add_argument("--methods", type=_csv_list, help="comma-separated: pooled, local, fedavg, fedprox, fedbn, scaffold, "
+                   "fednova, ... (options from the spec; default: the spec's, or pooled,local,fedavg)")
+    p.add_argument("--seeds", type=int, help="seeds per model: base seed, +1, ... (default: the spec's, or 1)")
+    p.add_argument("--out", help="benchmark folder (default: SPEC out_dir/name); a rerun continues an interrupted one")
+    p.add_argument("--max-concurrent", type=int, help="trials at once (default: the spec's, or 1)")
+    p.add_argument("--address", help="Ray cluster address (default: a local Ray started here)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", default=[],
+                   help="override a spec field (a config's field for a CONFIG), e.g. --set base.fl.rounds=5")
+    p.add_argument("--quiet", action="store_true", help="no per-trial lines")
+    p.set_defaults(func=cmd_benchmark)
 
     p = sub.add_parser("submit", help="run a cxrfl command on a Ray cluster (Ray Job Submission), follow it, fetch results")
     p.add_argument("--address", required=True, help="the cluster's dashboard, e.g. http://127.0.0.1:8265")

@@ -20,7 +20,7 @@ import os
 import shutil
 import sys
 from pathlib import Path
-from typing import Any, Callable, Iterator, Literal
+from typing import Any, Callable, ClassVar, Iterator, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -28,7 +28,7 @@ import pyarrow.parquet as pq
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 
-from cxrfl_ray.config import ConfigError, ExperimentConfig, _merge, build_config, load_yaml, set_dotted
+from cxrfl_ray.config import ConfigError, Count, ExperimentConfig, _merge, build_config, load_yaml, set_dotted
 from cxrfl_ray.presets import PRESETS
 from cxrfl_ray.tasks import TASKS
 
@@ -48,20 +48,15 @@ class SchedulerSpec(_Spec):
     reduction_factor: float = Field(2.0, gt=1)
 
 
-class SweepSpec(_Spec):
-    """A sweep: what to vary, how to search, what to optimise, and the resources of a trial."""
+class TrialsSpec(_Spec):
+    """What every spec run as Tune trials has (sweeps, benchmarks): a base experiment, seeds, and
+    the resources of a trial."""
 
+    kind: ClassVar[str] = "sweep spec"  # how messages name the spec
     name: str
     preset: str | None = Field(None, description="start from this preset; `base` overrides it")
     base: dict[str, Any] = Field(default_factory=dict, description="an experiment config (any YAML config's keys)")
-    space: dict[str, dict[str, Any]] = Field(default_factory=dict,
-                                             description="dotted key -> {grid|choice|uniform|loguniform|randint: ...}")
-    seeds: int = Field(1, ge=1, description="each point runs with seeds base.seed, base.seed+1, ...")
-    num_samples: int = Field(1, ge=1, description="samples of the random dimensions (per grid point)")
-    search: Literal["basic", "optuna"] = Field("basic", description="basic: grid x random samples; optuna if installed")
-    metric: str | None = Field(None, description="e.g. central/val/jaccard (default: the task's main metric on val)")
-    mode: Literal["max", "min"] | None = None
-    scheduler: SchedulerSpec = Field(default_factory=SchedulerSpec)
+    seeds: Count = Field(1, ge=1, description="each point runs with seeds base.seed, base.seed+1, ...")
     max_concurrent: int = Field(1, ge=1, description="trials at once")
     max_retries: int = Field(1, ge=0, description="times a failed trial is retried before it is reported as failed")
     driver_cpus: float = Field(1.0, gt=0, description="CPUs of a trial's driver (server evaluation)")
@@ -73,11 +68,23 @@ class SweepSpec(_Spec):
                                                   "their start-up is paid once, not per trial")
     out_dir: str = "runs/sweeps"
     ray_init: dict[str, Any] = Field(default_factory=dict, description="ray.init arguments when Ray starts here")
-    threshold: float | None = Field(None, description="report: rounds to reach this metric value")
     synthesize: dict[str, Any] | None = Field(
         None, description="write_synthetic_dataset arguments (n, sites, size, seed): phantoms made at base "
                           "data.path on first use when nothing is there")
     _source: str = PrivateAttr("")  # the spec file, for messages (load_spec sets it)
+
+
+class SweepSpec(TrialsSpec):
+    """A sweep: what to vary, how to search, what to optimise, and the resources of a trial."""
+
+    space: dict[str, dict[str, Any]] = Field(default_factory=dict,
+                                             description="dotted key -> {grid|choice|uniform|loguniform|randint: ...}")
+    num_samples: int = Field(1, ge=1, description="samples of the random dimensions (per grid point)")
+    search: Literal["basic", "optuna"] = Field("basic", description="basic: grid x random samples; optuna if installed")
+    metric: str | None = Field(None, description="e.g. central/val/jaccard (default: the task's main metric on val)")
+    mode: Literal["max", "min"] | None = None
+    scheduler: SchedulerSpec = Field(default_factory=SchedulerSpec)
+    threshold: float | None = Field(None, description="report: rounds to reach this metric value")
 
     @field_validator("space")
     @classmethod
@@ -154,12 +161,12 @@ def _fields_at(model: type[BaseModel], loc: tuple) -> list[str]:
     return list(model.model_fields)
 
 
-def _where(spec: SweepSpec) -> str:
-    """How messages name a sweep: its file, where it was read from one."""
-    return f"sweep spec {spec._source}" if spec._source else f"sweep {spec.name}"
+def _where(spec: TrialsSpec) -> str:
+    """How messages name a spec: its file, where it was read from one."""
+    return f"{spec.kind} {spec._source}" if spec._source else f"{spec.kind.removesuffix(' spec')} {spec.name}"
 
 
-def base_config(spec: SweepSpec) -> dict[str, Any]:
+def base_config(spec: TrialsSpec) -> dict[str, Any]:
     if spec.preset is not None and spec.preset not in PRESETS:
         raise ConfigError(f"preset {spec.preset!r} is unknown; presets: {', '.join(sorted(PRESETS))}")
     return _merge(PRESETS[spec.preset] if spec.preset else {}, spec.base)
@@ -347,7 +354,7 @@ def validate(spec: SweepSpec) -> list[ExperimentConfig]:
     return configs
 
 
-def check_trials_fit(spec: SweepSpec, configs: list[ExperimentConfig], nodes: list[dict[str, float]]) -> None:
+def check_trials_fit(spec: TrialsSpec, configs: list[ExperimentConfig], nodes: list[dict[str, float]]) -> None:
     """Every trial's placement group (a driver bundle, then one bundle per client slot) must fit
     on these nodes (Ray resources per node): Tune would wait for one that never fits forever,
     behind its "insufficient resources" warning. Raises ConfigError saying what to lower."""
@@ -440,17 +447,27 @@ def trial_name(params: dict[str, Any]) -> str:
     return hashlib.sha1(text.encode()).hexdigest()[:12]
 
 
-def _resources(spec: SweepSpec):
+def placement(spec: TrialsSpec, cfg: ExperimentConfig):
+    """A federated trial's placement group: one bundle for its driver, one per client slot."""
     from ray import tune
 
+    slots = spec.client_slots or cfg.clients_per_round
+    client = {"CPU": cfg.fl.client_num_cpus, **({"GPU": cfg.fl.client_num_gpus} if cfg.fl.client_num_gpus else {})}
+    driver = {"CPU": spec.driver_cpus, **({"GPU": spec.driver_gpus} if spec.driver_gpus else {})}
+    return tune.PlacementGroupFactory([driver] + [client] * slots, strategy="PACK")
+
+
+def _resources(spec: SweepSpec):
     def for_trial(params: dict[str, Any]):
-        cfg = trial_config(spec, params)
-        slots = spec.client_slots or cfg.clients_per_round
-        client = {"CPU": cfg.fl.client_num_cpus, **({"GPU": cfg.fl.client_num_gpus} if cfg.fl.client_num_gpus else {})}
-        driver = {"CPU": spec.driver_cpus, **({"GPU": spec.driver_gpus} if spec.driver_gpus else {})}
-        return tune.PlacementGroupFactory([driver] + [client] * slots, strategy="PACK")
+        return placement(spec, trial_config(spec, params))
 
     return for_trial
+
+
+def close_wandb() -> None:
+    """Close W&B's service (if a run used it) before Ray ends a trial's worker."""
+    if "wandb" in sys.modules:
+        sys.modules["wandb"].teardown()
 
 
 def _trainable(spec: SweepSpec, sweep_dir: Path):
@@ -484,8 +501,7 @@ def _trainable(spec: SweepSpec, sweep_dir: Path):
                     shutil.rmtree(run_dir)  # started but never saved a round: start again
                 run_federated(cfg, quiet=True, run_dir=run_dir, on_round=report)
         finally:
-            if "wandb" in sys.modules:  # close W&B's service before Ray ends this worker
-                sys.modules["wandb"].teardown()
+            close_wandb()
 
     return run_trial
 
@@ -517,7 +533,7 @@ def with_absolute_paths(spec: SweepSpec) -> SweepSpec:
     return spec.model_copy(update={"base": apply_params(spec.base, fixes), "space": space})
 
 
-def make_phantoms(spec: SweepSpec) -> None:
+def make_phantoms(spec: TrialsSpec) -> None:
     """The spec's synthetic data, written on first use (so smoke sweeps run on a fresh checkout)."""
     data = base_config(spec).get("data")
     path = data.get("path") if isinstance(data, dict) else None  # a bad data section is validate's to report
