@@ -91,7 +91,7 @@ def held_out_finding(frame: pd.DataFrame, records: pd.DataFrame, task: str) -> s
         site = test.partition(":")[2]
         text = f"On held-out {site} ({metric}, mean over seeds), against the best local-only model (trained on " \
                f"{best_site}: {l_mean:.3f}), FL "
-        text += (f"beats it with {', '.join(wins)}" if wins else "does not beat it with any method")
+        text += (f"beats it with {', '.join(wins)}" if wins else f"does not beat it with any method ({', '.join(losses)})")
         text += f" and does not with {', '.join(losses)}." if wins and losses else "."
         sentences.append(text)
     return f"{task}: " + " ".join(sentences)

@@ -164,8 +164,8 @@ class Trial:
 
 
 def task_names(spec: BenchmarkSpec) -> list[str]:
-    return list(spec.tasks) or [ExperimentConfig.model_validate(
-        {k: v for k, v in base_config(spec).items() if k == "task"}).task]
+    """The spec's tasks, or the base config's own (its validation names a bad one)."""
+    return list(spec.tasks) or [base_config(spec).get("task", ExperimentConfig.model_fields["task"].default)]
 
 
 def experiment(spec: BenchmarkSpec, task: str, name: str, seed: int | None, out: Path, **fixed: Any) -> ExperimentConfig:
