@@ -15,10 +15,15 @@ replies with delta c_i = c_i+ - c_i (``DELTA_KEY``). The server sets
 
 so c stays the mean of all clients' accepted c_i. The paper averages the y_i unweighted; we keep
 Flower's example weighting, the same as ``fedavg``/``fedprox``, so a benchmark row differs from
-FedAvg's only by the control variates (the paper's own experiments have equal-sized clients, where
-both are the same). ``server_lr`` (eta_g, default 1: plain averaging) is applied to the
-parameters only; buffers (BatchNorm statistics) are averaged as FedAvg does. c starts at zero and
-is not sent until it is not (round 1 messages carry no ``C_KEY``: the client takes zeros).
+FedAvg's only by the control variates (with equal-sized clients both are the same). ``server_lr``
+(eta_g, default 1: plain averaging) is applied to the parameters only; buffers (BatchNorm
+statistics) are averaged as FedAvg does. c starts at zero and is not sent while it has never been
+updated (round 1 messages carry no ``C_KEY``: the client takes zeros).
+
+Cost: c, c_i and delta c_i are each the size of the parameters (resnet18: 44.7 MB in float32), so
+a training message and its reply carry twice FedAvg's bytes, and a client keeps one or two state
+files (the accepted one and its newest). In a real federation (``fl/deploy.py``) the files are on
+the site (its ``state-dir``), and the server holds only c and each site's accepted round.
 """
 
 from __future__ import annotations
@@ -67,13 +72,13 @@ class ScaffoldWork(LocalWork):
         self.lr_sum += float(optimizer.param_groups[0]["lr"])  # this step's rate (a cosine schedule moves it)
 
     def finish(self, fit: dict[str, float]) -> dict[str, ArrayRecord]:
-        with torch.no_grad():
+        with torch.no_grad():  # in place: x and c_i are not needed after this (two model-sized buffers less)
             if self.lr_sum > 0:  # c_i - c + (x - y_i) / sum(lr) = (x - y_i) / sum(lr) - (c - c_i)
-                new = {k: (self.x[k] - p.detach()) / self.lr_sum - self.correction[k] for k, p in self.params.items()}
+                new = {k: self.x[k].sub_(p).div_(self.lr_sum).sub_(self.correction[k]) for k, p in self.params.items()}
             else:  # no step taken: nothing learnt about the gradient
-                new = dict(self.c_i)
+                new = {k: v.clone() for k, v in self.c_i.items()}
+            delta = {k: self.c_i[k].neg_().add_(new[k]).cpu() for k in new}
             new = {k: v.cpu() for k, v in new.items()}
-            delta = {k: new[k] - self.c_i[k].cpu() for k in new}
         self.ctx.save_state(new)
         return {DELTA_KEY: weights_record(self.ctx.model, delta)}
 
@@ -147,12 +152,12 @@ class Scaffold(Algorithm):
                 (x[k] + self.server_lr * (_npy_view(new[k]).astype(np.float64) - x[k])).astype(x[k].dtype)) for k in names})
             new = ArrayRecord({k: stepped[k] if k in names else v for k, v in new.items()})
         n = self.num_clients
-        for k in names:
-            total = np.zeros(_npy_view(deltas[0][DELTA_KEY][k]).shape, np.float64)
-            for d in deltas:  # client-id order
+        for k in names:  # float32, summed in client-id order (seeded runs stay bit-identical)
+            total = np.array(_npy_view(deltas[0][DELTA_KEY][k]), dtype=np.float32)
+            for d in deltas[1:]:
                 total += _npy_view(d[DELTA_KEY][k])
-            c = self.c.get(k, 0.0)
-            self.c[k] = (np.asarray(c, np.float64) + total / n).astype(np.float32)
+            total /= n
+            self.c[k] = total if k not in self.c else self.c[k] + total
         self._record = None
         return new, metrics
 
