@@ -278,7 +278,8 @@ def run_federated(cfg: ExperimentConfig | None = None, quiet: bool = False, verb
     cfg = prep.cfg  # with counts taken from the dataset (partition.clients: sites)
     try:  # strategy options are checked before Ray starts
         make_strategy(cfg.fl.strategy.name, dict(cfg.fl.strategy.options), num_clients=len(prep.plan.clients),
-                      per_round=cfg.clients_per_round, seed=cfg.seed, client_eval=cfg.fl.client_eval)
+                      per_round=cfg.clients_per_round, seed=cfg.seed, client_eval=cfg.fl.client_eval,
+                      min_replies=cfg.fl.min_replies)
         algorithm_class(cfg.fl.strategy.name).check(cfg)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None

@@ -124,11 +124,50 @@ def keep_mean(records: list[RecordDict], weighting_key: str) -> MetricRecord:
     return MetricRecord(out)
 
 
+def check_cohort(name: str, options: dict[str, Any], per_round: int, min_replies: int | None = None) -> None:
+    """Refuse robust-aggregation options the round's cohort cannot meet, naming the option and the
+    rule: Krum/MultiKrum need n >= 2f + 3 replies (Blanchard et al. 2017) and MultiKrum averages
+    1 <= m <= n - f of them; Bulyan needs n >= 4f + 3 (El Mhamdi et al. 2018), and as Flower's Bulyan
+    skips a round with fewer (the model stays as it was), ``fl.min_replies`` must be that high too;
+    q-FedAvg needs q >= 0 and a client_learning_rate > 0 (its Lipschitz estimate is 1 / lr)."""
+    def whole(key: str, default: int) -> int:
+        value = options.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"fl.strategy.options.{key} for {name} must be a whole number >= 0 (got {value!r})")
+        return value
+
+    cohort = f"{per_round} clients train per round (fl.clients_per_round, or fl.fraction of partition.clients)"
+    if name in ("krum", "multikrum", "bulyan"):
+        f = whole("num_malicious_nodes", 0)
+        k = 4 if name == "bulyan" else 2
+        need, rule = k * f + 3, f"{k} * num_malicious_nodes + 3"
+        if per_round < need:
+            raise ValueError(f"fl.strategy.options.num_malicious_nodes {f}: {name} needs at least {need} replies per "
+                             f"round ({rule}), but {cohort}")
+        if name == "bulyan" and min_replies is not None and min_replies < need:
+            raise ValueError(f"fl.min_replies {min_replies}: bulyan does not aggregate a round with fewer than {need} "
+                             f"replies ({rule}) and would leave the model unchanged; set fl.min_replies to {need} or more")
+        m = whole("num_nodes_to_select", 1) if name == "multikrum" else 1
+        if not 1 <= m <= per_round - f:
+            raise ValueError(f"fl.strategy.options.num_nodes_to_select {m}: multikrum "
+                             f"averages 1 to {per_round - f} replies (clients per round - num_malicious_nodes), and {cohort}")
+    if name == "qfedavg":
+        number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
+        q, lr = options.get("q", 0.1), options.get("client_learning_rate")
+        if not number(q) or q < 0:
+            raise ValueError(f"fl.strategy.options.q for qfedavg must be a number >= 0 (got {q!r})")
+        if not number(lr) or lr <= 0:
+            raise ValueError(f"fl.strategy.options.client_learning_rate for qfedavg must be a number > 0, the clients' "
+                             f"train.lr ({'missing' if lr is None else f'got {lr!r}'})")
+
+
 def make_strategy(name: str, options: dict[str, Any], *, num_clients: int, per_round: int, seed: int,
-                  client_eval: bool, sites: bool = False) -> FedAvg:
-    """A seeded instance of the named Flower strategy; bad options name the strategy."""
+                  client_eval: bool, sites: bool = False, min_replies: int | None = None) -> FedAvg:
+    """A seeded instance of the named Flower strategy; bad options name the strategy (``min_replies``:
+    also check it against the strategy, ``check_cohort``)."""
     from cxrfl_ray.fl.algorithms import algorithm_class
 
+    check_cohort(name, options, per_round, min_replies)
     base = STRATEGIES[name]
     cls = type(f"Seeded{base.__name__}", (Seeded, base), {})
     options = {k: v for k, v in options.items() if k not in algorithm_class(name).options}  # the algorithm's own
