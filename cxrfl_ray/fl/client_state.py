@@ -68,9 +68,21 @@ class AcceptedStates:
     def __init__(self, num_clients: int, root: str | Path | None) -> None:
         self.rounds = np.zeros(num_clients, dtype=np.int32)
         self.root = None if root is None else str(root)  # None: each site keeps its own (real federation)
+        self.superseded: list[tuple[int, int]] = []  # (client, round) files replaced by this round's
 
     def message_config(self, cid: int) -> dict[str, int | str]:
         return {STATE_ROUND_KEY: int(self.rounds[cid]), **({STATE_DIR_KEY: self.root} if self.root else {})}
 
     def accept(self, server_round: int, clients: list[int]) -> None:
-        self.rounds[np.asarray(clients, dtype=np.int64)] = server_round
+        ids = np.asarray(clients, dtype=np.int64)
+        self.superseded += [(int(c), int(r)) for c, r in zip(ids, self.rounds[ids]) if r > 0]
+        self.rounds[ids] = server_round
+
+    def prune(self) -> None:
+        """Once the round state that accepted newer files is saved, the files they replaced are
+        never read again (not even by ``--resume``): delete them, so a client keeps one file at
+        rest. (On a site the client drops them itself when it next trains.)"""
+        if self.root is not None:
+            for cid, old in self.superseded:
+                ClientStateStore(self.root, cid).path(old).unlink(missing_ok=True)
+        self.superseded = []

@@ -171,6 +171,11 @@ class ServerHooks:
         """Tensors saved with the round state (``extra`` holds the policy's streak)."""
         return {**self.algorithm.state(), **({"accepted_rounds": self.accepted.rounds} if self.accepted else {})}
 
+    def saved(self) -> None:
+        """After the round state is saved: client files it no longer refers to may go."""
+        if self.accepted is not None:
+            self.accepted.prune()
+
     def restore(self, tensors: dict[str, np.ndarray], extra: dict) -> None:
         self.policy.restore(extra)
         if self.accepted is not None:

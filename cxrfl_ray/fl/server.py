@@ -141,6 +141,7 @@ def serve(grid: Grid, prep: Prepared, run_dir: Path, outcome: Outcome, *, quiet:
         def save(server_round: int) -> None:
             extra = {"best": best, "best_round": best_round, "failures_total": failures_total, **hooks.policy.state()}
             save_state(run_dir, server_round, arrays, strategy, extra, cfg, hooks.state())
+            hooks.saved()
 
         if resume:
             done, arrays, strategy_state, extra = load_state(run_dir)

@@ -36,3 +36,17 @@ def test_the_server_sends_each_client_its_own_accepted_round():
     assert accepted.rounds.tolist() == [1, 0, 2, 2]
     assert accepted.message_config(0) == {STATE_ROUND_KEY: 1, STATE_DIR_KEY: "/run/clients"}
     assert AcceptedStates(2, None).message_config(1) == {STATE_ROUND_KEY: 0}  # a site keeps its own folder
+
+
+def test_once_the_round_state_is_saved_the_files_it_replaced_are_deleted(tmp_path):
+    accepted = AcceptedStates(3, tmp_path)
+    for cid in (0, 1):
+        ClientStateStore(tmp_path, cid).save(1, {"c": torch.ones(1)}, keep_from=0)
+    accepted.accept(1, [0, 1])
+    accepted.prune()  # nothing was replaced yet
+    ClientStateStore(tmp_path, 0).save(2, {"c": torch.zeros(1)}, keep_from=1)
+    accepted.accept(2, [0])
+    assert (tmp_path / "000000" / "000001.safetensors").is_file()  # still needed until round 2 is saved
+    accepted.prune()
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.glob("*/*")) == [
+        "000000/000002.safetensors", "000001/000001.safetensors"]
