@@ -32,8 +32,10 @@ from cxrfl_ray.jsonio import write_json
 
 CSV_FILE, TRIALS_FILE, TUNE_DIR = "benchmark.csv", "trials.csv", "tune"
 COLUMNS = ["task", "method", "seed", "train_site", "test", "metric", "value"]
-TESTS = ("central", "site", "holdout")  # the scopes a model is compared on
-NOT_METRICS = ("examples",)  # a view's row count, logged beside its metrics
+# The scopes a model is compared on; "personal": a site's own model (FedBN: the global weights
+# plus that site's BatchNorm) on the site's test rows, beside the global model's "site" row.
+TESTS = ("central", "site", "holdout", "personal")
+NOT_METRICS = ("examples", "clients")  # a view's row count, the personal models averaged
 
 
 class BenchmarkError(ValueError):
@@ -41,7 +43,8 @@ class BenchmarkError(ValueError):
 
 
 def test_name(scope: str, vid: str, cfg: ExperimentConfig) -> str | None:
-    """The test set a view is: ``pooled``, ``site:S`` (S's test rows), ``holdout:S``; None for others (val)."""
+    """The test set a view is: ``pooled``, ``site:S`` (S's test rows), ``holdout:S``, ``personal:S``
+    (S's own model on S's test rows); None for others (val)."""
     if scope == "central":
         return "pooled" if vid == cfg.data.test_split else None
     return f"{scope}:{vid}" if scope in TESTS else None
@@ -50,16 +53,21 @@ def test_name(scope: str, vid: str, cfg: ExperimentConfig) -> str | None:
 def best_evaluation(run: Path) -> dict[str, dict[str, float]]:
     """The best checkpoint's metrics on every test set, as its run folder recorded them: a
     federated run's server evaluation at its best round, a baseline's final evaluation at its best
-    epoch (both the round of ``best.safetensors``, picked by the central val split)."""
+    epoch (both the round of ``best.safetensors``, picked by the central val split). The sites' own
+    models (``personal``, FedBN) are the last round's: they are not evaluated on val, and the global
+    model's val score (its BatchNorm at the initial values) says nothing about them."""
     from cxrfl_ray.config import load_config
 
     summary = json.loads((run / "summary.json").read_text())
     best = summary["best_round"] if "best_round" in summary else summary["best_epoch"]
     cfg = load_config(run / "config.yaml")
+    rows = pq.read_table(run / "metrics.parquet").to_pylist()
+    last_personal = max((r["round"] for r in rows if r["scope"] == "personal"), default=None)
     out: dict[str, dict[str, float]] = {}
-    for r in pq.read_table(run / "metrics.parquet", filters=[("round", "=", int(best))]).to_pylist():
+    for r in rows:
         test = test_name(r["scope"], r["id"], cfg)
-        if test is not None and r["metric"] not in NOT_METRICS:
+        at = last_personal if r["scope"] == "personal" else best
+        if test is not None and r["round"] == at and r["metric"] not in NOT_METRICS:
             out.setdefault(test, {})[r["metric"]] = r["value"]
     return out
 

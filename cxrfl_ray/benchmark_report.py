@@ -20,12 +20,12 @@ def _row_name(method: str, train_site: str) -> str:
 
 def _header(test: str) -> str:
     scope, _, site = test.partition(":")
-    return {"site": site, "holdout": f"{site} (held out)"}.get(scope, "pooled test")
+    return {"site": site, "holdout": f"{site} (held out)", "personal": f"{site} (its own model)"}.get(scope, "pooled test")
 
 
 def _tests(frame: pd.DataFrame) -> list[str]:
     """Test sets in reading order: pooled, each site's test rows, the held-out sites."""
-    order = {"pooled": 0, "site": 1, "holdout": 2}
+    order = {"pooled": 0, "site": 1, "holdout": 2, "personal": 3}
     return sorted(frame["test"].unique(), key=lambda t: (order[t.partition(":")[0]], t))
 
 
@@ -99,8 +99,8 @@ def held_out_finding(frame: pd.DataFrame, records: pd.DataFrame, task: str) -> s
 
 def plot_sites(path: Path, frame: pd.DataFrame, records: pd.DataFrame, task: str) -> Path:
     """Bars per site's test rows and per held-out site (shaded, marked): pooled, local-only (the
-    site's own model; on a held-out site the mean of all local models) and each federated method,
-    mean over seeds with the sd as error bars."""
+    site's own model; on a held-out site the mean of all local models), each federated method and,
+    where it has them, its sites' own models (FedBN), mean over seeds with the sd as error bars."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -108,14 +108,20 @@ def plot_sites(path: Path, frame: pd.DataFrame, records: pd.DataFrame, task: str
 
     metric = TASKS[task].main_metric
     scores = frame[frame["metric"] == metric]
-    tests = [t for t in _tests(scores) if t != "pooled"]
+    tests = [t for t in _tests(scores) if t.startswith(("site:", "holdout:"))]
     kinds = records.drop_duplicates("method").set_index("method")["kind"]
-    series = [m for m, k in kinds.items() if k == "pooled"] + ([LOCAL] if (kinds == "local").any() else []) \
-        + [m for m, k in kinds.items() if k == "federated"]
     local = [m for m, k in kinds.items() if k == "local"]
+    personal = set(scores[scores["test"].str.startswith("personal:")]["method"])
+    series = [m for m, k in kinds.items() if k == "pooled"] + ([LOCAL] if local else [])
+    for m in (m for m, k in kinds.items() if k == "federated"):
+        series += [m] + ([f"{m} (own model)"] if m in personal else [])
 
     def values(name: str, test: str) -> pd.Series:
         here = scores[scores["test"] == test]
+        if name.endswith(" (own model)"):  # a site's own model exists for its own site only
+            mine = scores[scores["test"] == f"personal:{test.removeprefix('site:')}"] if test.startswith("site:") \
+                else scores.iloc[:0]
+            return mine[mine["method"] == name.removesuffix(" (own model)")]["value"]
         if name != LOCAL:
             return here[here["method"] == name]["value"]
         mine = here[here["method"].isin(local)]
@@ -125,7 +131,7 @@ def plot_sites(path: Path, frame: pd.DataFrame, records: pd.DataFrame, task: str
     width = 0.8 / max(len(series), 1)
     fig, ax = plt.subplots(figsize=(2 + 1.6 * len(tests), 4.2), dpi=100)
     for j, name in enumerate(series):
-        stats = [_stats(values(name, t)) for t in tests]
+        stats = [_stats(values(name, t)) if len(values(name, t)) else (np.nan, 0.0, 0) for t in tests]
         ax.bar(np.arange(len(tests)) + (j - (len(series) - 1) / 2) * width, [s[0] for s in stats], width,
                yerr=[s[1] for s in stats], capsize=2, label=name)
     for i, test in enumerate(tests):
@@ -140,6 +146,17 @@ def plot_sites(path: Path, frame: pd.DataFrame, records: pd.DataFrame, task: str
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def _personal_note(frame: pd.DataFrame) -> list[str]:
+    """What the "its own model" columns are, where a method has them."""
+    methods = sorted(set(frame[frame["test"].str.startswith("personal:")]["method"]))
+    if not methods:
+        return []
+    return [f"{', '.join(methods)}: the site columns are the global model (BatchNorm at its initial values: what "
+            f"a new hospital gets), picked by central val like every model; \"its own model\" is each site's model "
+            f"(the global weights plus that site's BatchNorm) of the last round, on that site's test rows (it is "
+            f"not evaluated on val, so nothing picks a best round for it).", ""]
 
 
 def write_report(out: Path, spec, failed: dict[str, str]) -> Path:
@@ -165,7 +182,7 @@ def write_report(out: Path, spec, failed: dict[str, str]) -> Path:
         lines += [f"## {task}: test {metric}", "",
                   f"Budget (rows seen, counted in the run folders): {budget}; federated: rounds x local epochs "
                   f"x clients per round, pooled and local-only: as many epochs as see as many rows.", "",
-                  _markdown(results_table(mine, recs, metric)), "", f"![{task} per site]({png})", "",
+                  _markdown(results_table(mine, recs, metric)), "", *_personal_note(mine), f"![{task} per site]({png})", "",
                   f"**Held-out sites.** {held_out_finding(mine, recs, task)}", ""]
     if failed:
         lines += ["## Failed trials", "", *[f"- `{k}`: {v}" for k, v in failed.items()], ""]

@@ -206,3 +206,39 @@ def test_a_config_file_is_a_benchmark_of_its_own_experiment(tmp_path, data):
     assert fedprox.cfg.fl.strategy.options == {"proximal_mu": 0.5}
     # 2 rounds x 2 of 3 clients x 3 steps: 12 steps, so a baseline gets 4 epochs of 3 steps.
     assert {t.cfg.train.epochs for t in trials if t.kind != "federated"} == {4}
+
+
+def test_the_shipped_spec_plans_every_method_on_the_same_budget(phantoms, tmp_path):
+    """benchmark_sites.yaml: 2 tasks x 3 seeds x (pooled, 3 local-only, 5 federated), all valid
+    (FedBN finds BatchNorm layers, SCAFFOLD plain SGD) before anything runs."""
+    from cxrfl_ray.benchmark_spec import load_benchmark, plan_trials
+
+    spec = load_benchmark(TINY.parent / "benchmark_sites.yaml", [f"base.data.path={phantoms(n=160, size=32)}"])
+    trials = plan_trials(spec, tmp_path)
+    assert len(trials) == 2 * 3 * 9
+    assert {t.method for t in trials if t.kind == "federated"} == {"fedavg", "fedprox", "fedbn", "scaffold", "fednova"}
+    assert {t.train_site for t in trials if t.kind == "local"} == {"site0", "site1", "site2"}  # site3 held out
+    # 10 rounds x 3 clients x 10 steps = 300 steps: 30 epochs of 10 steps for pooled and local-only.
+    assert {t.cfg.train.epochs for t in trials if t.kind != "federated"} == {30}
+    assert {(t.cfg.fl.rounds, t.cfg.clients_per_round) for t in trials if t.kind == "federated"} == {(10, 3)}
+
+
+@pytest.mark.timeout(600)
+def test_fedbn_scaffold_and_fednova_run_and_fedbn_reports_each_sites_own_model(data, tmp_path, ray_session):
+    """A BatchNorm model (FedBN keeps it local) and plain SGD (SCAFFOLD's option II)."""
+    out = tmp_path / "bn"
+    assert run(out, data, "--methods", "local,fedbn,scaffold,fednova", "--set", "tasks.segmentation.model.name=unet-resnet18",
+               "--set", "base.train.optimizer=sgd", "--set", "base.train.momentum=0", "--set", "base.train.lr=0.1") == 0
+    csv, trials = frames(out)
+    assert set(trials["rows_seen"]) == {ROUNDS * CLIENTS * STEPS * BATCH}
+    assert set(trials["method"]) == {"local", "fedbn", "scaffold", "fednova"}
+    fedbn = trials.set_index("method").loc["fedbn"]
+    metrics = pq.read_table(out / fedbn["run"] / "metrics.parquet").to_pandas()
+    personal = metrics[(metrics["scope"] == "personal") & (metrics["round"] == ROUNDS) & (metrics["metric"] == "jaccard")]
+    mine = csv[(csv["method"] == "fedbn") & (csv["metric"] == "jaccard")].set_index("test")["value"]
+    assert set(personal["id"]) == {"site0", "site1"}  # each site's own model, the last round's
+    for r in personal.itertuples():
+        assert mine[f"personal:{r.id}"] == pytest.approx(r.value, rel=1e-12)
+    assert not csv[(csv["method"] != "fedbn")]["test"].str.startswith("personal:").any()
+    md = (out / "benchmark.md").read_text()
+    assert "site0 (its own model)" in md and "scaffold" in md.split("**Held-out sites.**")[1]
