@@ -209,7 +209,9 @@ def run_benchmark(path: str | Path, out: str | Path | None = None, overrides: li
         raise BenchmarkError(f"no trial finished ({'; '.join(f'{k}: {v}' for k, v in failed.items())})")
     rows = [row for t in done for row in trial_rows(t, runs / t.name)]
     pd.DataFrame(rows, columns=COLUMNS).to_csv(out / CSV_FILE, index=False)
-    pd.DataFrame([trial_record(t, runs / t.name) for t in done]).to_csv(out / TRIALS_FILE, index=False)
+    records = pd.DataFrame([trial_record(t, runs / t.name) for t in done])
+    records.astype({c: "Int64" for c in ("rounds", "steps", "clients_per_round", "train_rows")}) \
+        .to_csv(out / TRIALS_FILE, index=False)  # whole numbers, blank where a kind has none
     write_json(out / "failed.json", failed, indent=1)
     write_report(out, spec, failed)
     if failed:
