@@ -86,7 +86,7 @@ class BenchmarkSpec(TrialsSpec):
 
 def _spec_file(path: Path) -> bool:
     """A benchmark spec has keys no experiment config has (methods, base, tasks, ...)."""
-    data = load_yaml(path) if path.is_file() else None
+    data = load_yaml(path)
     own = set(BenchmarkSpec.model_fields) - set(ExperimentConfig.model_fields)
     return isinstance(data, dict) and bool(own & set(data))
 
@@ -97,6 +97,8 @@ def load_benchmark(path: str | Path, overrides: list[str] | None = None, methods
     the spec (a config: on the config). ``methods`` (names or labels; options from the spec, or
     from a config's own strategy), ``seeds`` and ``max_concurrent`` replace the file's."""
     path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"benchmark spec (or experiment config) not found: {path}")
     if _spec_file(path):
         spec = load_spec(path, overrides, model=BenchmarkSpec, kind="benchmark spec")
         listed = {m.name: m for m in reversed(spec.methods)} | {m.title: m for m in spec.methods}

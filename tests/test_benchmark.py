@@ -178,6 +178,9 @@ def test_a_rerun_trains_only_what_is_missing(bench, data, tmp_path, capsys):
     (["--set", "base.train.lr=-1"], "segmentation segmentation: train.lr: Input should be greater than 0"),
     (["--methods", "pooled,lokal"], "--methods lokal: unknown method 'lokal' (did you mean local?)"),
     (["--seeds", "0"], "--seeds 0: at least 1"),
+    (["--set", "base.partition.scheme=iid"], "partition.clients 'sites' needs partition.scheme 'site'"),
+    (["--methods", "fedbn"], "methods fedbn: fl.strategy.name fedbn keeps BatchNorm local, but model.name "
+                             "'tiny-conv-seg' has no BatchNorm layer"),
 ])
 def test_a_bad_spec_is_one_error_line_naming_it(tmp_path, data, capsys, args, message):
     assert run(tmp_path / "out", data, *args) == 2
