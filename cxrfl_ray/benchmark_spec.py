@@ -93,9 +93,10 @@ def _spec_file(path: Path) -> bool:
 
 def load_benchmark(path: str | Path, overrides: list[str] | None = None, methods: list[str] | None = None,
                    seeds: int | None = None, max_concurrent: int | None = None) -> BenchmarkSpec:
-    """A benchmark spec file, or an experiment config file made one; ``overrides`` are KEY=VALUE on
-    the spec (a config: on the config). ``methods`` (names or labels; options from the spec, or
-    from a config's own strategy), ``seeds`` and ``max_concurrent`` replace the file's."""
+    """A benchmark spec file, or an experiment config file made one (pooled, local and its own
+    strategy unless ``methods``); ``overrides`` are KEY=VALUE on the spec (a config: on the
+    config). ``methods`` (names or labels; options from the spec, or from a config's own
+    strategy), ``seeds`` and ``max_concurrent`` replace the file's."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"benchmark spec (or experiment config) not found: {path}")
@@ -108,6 +109,7 @@ def load_benchmark(path: str | Path, overrides: list[str] | None = None, methods
         spec._source = str(path)
         own = cfg.fl.strategy
         listed = {own.name: MethodSpec(name=own.name, options=dict(own.options))} if own.options else {}
+        methods = methods if methods is not None else ["pooled", "local", own.name]  # against its own strategy
     update: dict[str, Any] = {}
     if methods is not None:
         update["methods"] = [listed.get(m) or _cli_method(m) for m in methods]

@@ -472,7 +472,7 @@ def build_parser() -> argparse.ArgumentParser:
                                          "site, over seeds, same budget (FLamby-style; Ray Tune trials)")
     p.add_argument("spec", help="benchmark spec YAML (tune_configs/benchmark_sites.yaml) or an experiment config")
     p.add_argument("--methods", type=_csv_list, help="comma-separated: pooled, local, fedavg, fedprox, fedbn, scaffold, "
-                   "fednova, ... (options from the spec; default: the spec's, or pooled,local,fedavg)")
+                   "fednova, ... (options from the spec; default: the spec's, or pooled,local and a CONFIG's own strategy)")
     p.add_argument("--seeds", type=int, help="seeds per model: base seed, +1, ... (default: the spec's, or 1)")
     p.add_argument("--out", help="benchmark folder (default: SPEC out_dir/name); a rerun continues an interrupted one")
     p.add_argument("--max-concurrent", type=int, help="trials at once (default: the spec's, or 1)")

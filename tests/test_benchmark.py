@@ -207,6 +207,7 @@ def test_a_config_file_is_a_benchmark_of_its_own_experiment(tmp_path, data):
         + [f"segmentation/local/client{i}/seed{s}" for i in range(3) for s in (5, 6)])  # iid clients mix sites
     fedprox = [t for t in trials if t.method == "fedprox"][0]
     assert fedprox.cfg.fl.strategy.options == {"proximal_mu": 0.5}
+    assert [m.title for m in load_benchmark(config).methods] == ["pooled", "local", "fedprox"]  # its own strategy
     # 2 rounds x 2 of 3 clients x 3 steps: 12 steps, so a baseline gets 4 epochs of 3 steps.
     assert {t.cfg.train.epochs for t in trials if t.kind != "federated"} == {4}
 
