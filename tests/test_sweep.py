@@ -47,6 +47,10 @@ def test_shipped_specs_parse(spec, tmp_path):
 
         # Its hospitals' folders may be absent here (../shared); everything else must parse.
         loaded = load_study(spec, [f"sources=[{tmp_path}]"])
+    elif "methods" in yaml.safe_load(spec.read_text()):  # a benchmark spec (cxrfl benchmark)
+        from cxrfl_ray.benchmark_spec import load_benchmark
+
+        loaded = load_benchmark(spec)
     else:
         loaded = load_spec(spec)
     assert loaded.name == spec.stem
