@@ -305,7 +305,14 @@ def check_metric(spec: SweepSpec, metric: str, cfg: ExperimentConfig, prep: Any)
     if scope == "round" and vid == "server":
         return  # the server's round counts (selected, replied, failures, train_loss)
     views = [f"{s}/{i}" for s, i in prep.views]
-    if (scope, vid) not in prep.views:
+    from cxrfl_ray.fl.algorithms import algorithm_class
+
+    if scope == "personal" and algorithm_class(cfg.fl.strategy.name).personal:
+        views += [f"personal/{i}" for s, i in prep.views if s == "site"]
+        scope_ok = ("site", vid) in prep.views  # each site's own model, on that site's test rows
+    else:
+        scope_ok = (scope, vid) in prep.views
+    if not scope_ok:
         close = difflib.get_close_matches(f"{scope}/{vid}", views, n=1)
         raise ConfigError(f"{_where(spec)}: metric {metric!r}: no view {scope}/{vid} in this data"
                           + (f" (did you mean {close[0]}/{name}?)" if close else "")
@@ -506,11 +513,16 @@ def _trainable(spec: SweepSpec, sweep_dir: Path):
     return run_trial
 
 
+# What a trial reports and trials.parquet keeps: the global model's views, the server's round
+# counts, and a personal algorithm's per-site models (FedBN: global + the site's BatchNorm).
+TRIAL_SCOPES = ("central", "site", "holdout", "round", "personal")
+
+
 def _final_metrics(run_dir: Path) -> dict[str, float]:
     rows = pq.read_table(run_dir / "metrics.parquet").to_pylist()
     last = max(r["round"] for r in rows)
     return {f"{r['scope']}/{r['id']}/{r['metric']}": r["value"] for r in rows
-            if r["round"] == last and r["scope"] in ("central", "site", "holdout", "round")}
+            if r["round"] == last and r["scope"] in TRIAL_SCOPES}
 
 
 def _absolute(key: str, value: Any) -> Any:
@@ -673,7 +685,7 @@ def write_trials_table(sweep_dir: Path, results=None) -> Path:
         per_round: dict[int, dict] = {}
         if metrics_file.is_file():
             for r in pq.read_table(metrics_file).to_pylist():
-                if r["scope"] in ("central", "site", "holdout", "round"):
+                if r["scope"] in TRIAL_SCOPES:
                     per_round.setdefault(r["round"], {})[f"{r['scope']}/{r['id']}/{r['metric']}"] = r["value"]
         if not per_round:
             rows.append({**base, "round": None})

@@ -217,3 +217,11 @@ def test_a_failed_trial_is_counted_as_failed_not_averaged_in():
         {"param:train.lr": 0.1, "seeds": 1, "failed": 1, "final": "0.8000", "best": "0.8000",
          "rounds_to_threshold": "2.0"},
         {"param:train.lr": 1.0, "seeds": 0, "failed": 1, "final": "", "best": "", "rounds_to_threshold": "failed"}]
+
+
+def test_a_personal_metric_is_accepted_only_for_an_algorithm_with_personal_models(write_spec):
+    """FedBN logs each site's own model as personal/SITE/...; a sweep may select by it. Other
+    strategies log no personal scope, so Tune would fail every trial on its first result."""
+    change = {"metric": "personal/site0/jaccard"}
+    validate(load_spec(write_spec(change, base={"fl": {"strategy": {"name": "fedbn"}}}, name="fedbn.yaml")))
+    assert "no view personal/site0 in this data" in refused(write_spec(change, name="fedavg.yaml"))
