@@ -26,6 +26,7 @@ from cxrfl_ray.fl.algorithms.base import ClientRound, trainable_state
 from cxrfl_ray.fl.algorithms.fedbn import FedBN, batchnorm_keys
 from cxrfl_ray.fl.client_state import AcceptedStates, ClientStateStore
 from cxrfl_ray.fl.strategies import CLIENT_KEY, make_strategy
+from tests.fl.messages import stopped_after_round_1
 
 
 def config(dataset, tmp_path, **over):
@@ -232,16 +233,7 @@ def test_fedbn_simulation_resumes_exactly_and_survives_a_replaced_actor(phantoms
                               quiet=True, run_dir=tmp_path / "reference",
                               on_round=lambda r, m: flat.__setitem__(r, m))
 
-    class Stop(Exception):
-        pass
-
-    def stop_after_round_1(server_round, metrics):
-        if server_round == 1:
-            raise Stop
-
-    stopped = tmp_path / "stopped"
-    with pytest.raises(RuntimeError, match="federated run failed"):
-        run_federated(cfg, quiet=True, run_dir=stopped, on_round=stop_after_round_1)
+    stopped = stopped_after_round_1(cfg, tmp_path / "stopped")
     assert saved_round(stopped) == 1
     round1_global = load_state(stopped)[1]
     round1_states = tmp_path / "round1-clients"  # the files round 2 starts from (deleted once replaced)

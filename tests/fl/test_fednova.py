@@ -7,7 +7,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
-from flwr.app import Array, ArrayRecord, Message, Metadata, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, Message
 from safetensors.torch import load_file
 
 from cxrfl_ray.config import build_config
@@ -16,6 +16,7 @@ from cxrfl_ray.fl.algorithms.fednova import normaliser, normalise_replies
 from cxrfl_ray.fl.strategies import make_strategy
 from cxrfl_ray.tasks.models import create_model
 from cxrfl_ray.tasks.training import seed_everything
+from tests.fl.messages import train_reply
 
 
 def _cfg(optimizer: str = "sgd", momentum: float = 0.0, model: str = "tiny-conv"):
@@ -30,12 +31,7 @@ def _record(weights: dict[str, np.ndarray]) -> ArrayRecord:
 
 def _replies(updates: list[tuple[int, int, dict[str, np.ndarray]]]) -> list[Message]:
     """Training replies (client id, examples, local steps, weights) as the ClientApp sends them."""
-    return [Message(RecordDict({"arrays": _record(w),
-                                "metrics": MetricRecord({"cid": cid, "num-examples": n, "steps": steps,
-                                                         "train_loss": 0.5})}),
-                    metadata=Metadata(run_id=1, message_id="", src_node_id=cid + 1, dst_node_id=0,
-                                      reply_to_message_id=f"m{cid}", group_id="1", created_at=0.0, ttl=3600.0,
-                                      message_type="train"))
+    return [train_reply(cid, {"arrays": _record(w)}, **{"num-examples": n, "steps": steps, "train_loss": 0.5})
             for cid, (n, steps, w) in enumerate(updates)]
 
 

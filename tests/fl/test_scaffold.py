@@ -10,8 +10,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
-from flwr.app.metadata import Metadata
+from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from safetensors.torch import load_file
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -23,6 +22,7 @@ from cxrfl_ray.fl.client import weights_record
 from cxrfl_ray.fl.client_state import ClientStateStore
 from cxrfl_ray.fl.strategies import make_strategy, select_clients
 from cxrfl_ray.tasks.training import train_local
+from tests.fl.messages import stopped_after_round_1, train_reply
 
 
 def scaffold_config(**options):
@@ -31,10 +31,7 @@ def scaffold_config(**options):
 
 
 def reply(cid: int, examples: int, content: dict) -> Message:
-    meta = Metadata(run_id=1, message_id=f"r{cid}", src_node_id=cid + 1, dst_node_id=0, reply_to_message_id=f"m{cid}",
-                    group_id="2", created_at=0.0, ttl=60.0, message_type=MessageType.TRAIN)
-    metrics = MetricRecord({"cid": cid, "num-examples": examples, "train_loss": 0.5})
-    return Message(content=RecordDict({**content, "metrics": metrics}), metadata=meta)
+    return train_reply(cid, content, **{"num-examples": examples, "train_loss": 0.5})
 
 
 def t(*rows) -> torch.Tensor:
@@ -188,16 +185,7 @@ def test_scaffold_on_the_engine_keeps_state_per_client_and_resumes_exactly(phant
     for name, value in c.items():
         np.testing.assert_allclose(value, sum(m[name].numpy() for m in mine) / 3, rtol=1e-4, atol=1e-7)
 
-    class Stop(Exception):
-        pass
-
-    def stop_after_round_1(server_round, metrics):
-        if server_round == 1:
-            raise Stop
-
-    stopped = tmp_path / "stopped"
-    with pytest.raises(RuntimeError, match="federated run failed"):
-        run_federated(cfg, quiet=True, run_dir=stopped, on_round=stop_after_round_1)
+    stopped = stopped_after_round_1(cfg, tmp_path / "stopped")
     assert saved_round(stopped) == 1 and state_files(stopped) == {0: [1], 1: [1]}  # client 2 has not trained
     run_federated(resume=stopped, quiet=True)
 

@@ -16,6 +16,7 @@ from cxrfl_ray.fl.engine import run_federated
 from cxrfl_ray.fl.client import _failure_draw
 from cxrfl_ray.fl.strategies import select_clients
 from tests.conftest import kill_process_tree
+from tests.fl.messages import stopped_after_round_1
 
 def config(dataset, tmp_path, **over):
     base = {"name": "sim", "out_dir": str(tmp_path), "seed": 3, "task": "classification",
@@ -254,16 +255,7 @@ def test_a_cosine_run_stopped_after_a_round_resumes_to_the_same_metrics(phantoms
                  fl={"rounds": 2, "fraction": 1.0}, partition={"clients": 2})
     reference = run_federated(cfg, quiet=True)
 
-    class Stop(Exception):
-        pass
-
-    def stop_after_round_1(server_round, metrics):
-        if server_round == 1:
-            raise Stop
-
-    stopped = tmp_path / "stopped"
-    with pytest.raises(RuntimeError, match="federated run failed"):
-        run_federated(cfg, quiet=True, run_dir=stopped, on_round=stop_after_round_1)
+    stopped = stopped_after_round_1(cfg, tmp_path / "stopped")
     assert saved_round(stopped) == 1
     resumed = run_federated(resume=stopped, quiet=True)
     strip = lambda rows: [(r["round"], r["scope"], r["id"], r["metric"], r["value"]) for r in rows  # noqa: E731

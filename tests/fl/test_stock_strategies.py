@@ -8,7 +8,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, Metadata, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message
 from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.supercore.task_identity import TaskIdentity
 from safetensors.torch import load_file
@@ -18,16 +18,13 @@ from cxrfl_ray.fl.engine import run_federated
 from cxrfl_ray.fl.strategies import make_strategy
 from cxrfl_ray.tasks.models import create_model
 from cxrfl_ray.tasks.training import seed_everything
+from tests.fl.messages import train_reply
 
 
 def _replies(updates: list[tuple[int, float, list[float]]]) -> list[Message]:
     """Training replies (examples, train loss, weights ``w``) from clients 0, 1, ... in that order."""
-    return [Message(RecordDict({"arrays": ArrayRecord({"w": Array(np.asarray(w, np.float32))}),
-                                "metrics": MetricRecord({"cid": cid, "num-examples": n, "train_loss": loss,
-                                                         "steps": 1})}),
-                    metadata=Metadata(run_id=1, message_id="", src_node_id=cid + 1, dst_node_id=0,
-                                      reply_to_message_id=f"m{cid}", group_id="1", created_at=0.0, ttl=3600.0,
-                                      message_type="train"))
+    return [train_reply(cid, {"arrays": ArrayRecord({"w": Array(np.asarray(w, np.float32))})},
+                        **{"num-examples": n, "train_loss": loss, "steps": 1})
             for cid, (n, loss, w) in enumerate(updates)]
 
 
