@@ -14,36 +14,29 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
 import torch
 from flwr.app import ConfigRecord, Context, Message, MessageType, Metadata, RecordDict
 from safetensors.torch import load_file
 
-from cxrfl_ray.config import ConfigError, build_config
+from cxrfl_ray.config import ConfigError
 from cxrfl_ray.fl.algorithms import make_algorithm
 from cxrfl_ray.fl.algorithms.base import ClientRound, trainable_state
 from cxrfl_ray.fl.algorithms.fedbn import FedBN, batchnorm_keys
 from cxrfl_ray.fl.client_state import AcceptedStates, ClientStateStore
 from cxrfl_ray.fl.strategies import CLIENT_KEY, make_strategy
 from tests.fl.messages import stopped_after_round_1
+from tests.fl.test_simulate import config as simulation_config, table
 
 
 def config(dataset, tmp_path, **over):
     """Classification with resnet18 (20 BatchNorm layers) at 32 px: one client per phantom site."""
-    base = {"name": "fedbn", "out_dir": str(tmp_path), "seed": 5, "task": "classification",
-            "data": {"path": str(dataset), "size": 32, "augment": False},
-            "model": {"name": "resnet18"}, "partition": {"scheme": "site", "clients": "sites"},
-            "train": {"steps": 2, "batch_size": 8, "lr": 0.05},
-            "fl": {"rounds": 3, "clients_per_round": 2, "round_timeout": 120, "strategy": {"name": "fedbn"}},
-            "tracking": {"wandb": "disabled"}}
+    fedbn = {"name": "fedbn", "seed": 5, "data": {"size": 32, "augment": False}, "model": {"name": "resnet18"},
+             "partition": {"scheme": "site", "clients": "sites"}, "train": {"lr": 0.05},
+             "fl": {"rounds": 3, "clients_per_round": 2, "strategy": {"name": "fedbn"}}}
     for key, value in over.items():
-        base[key] = {**base.get(key, {}), **value} if isinstance(value, dict) else value
-    return build_config(base)
-
-
-def table(run):
-    return pq.read_table(run / "metrics.parquet").to_pylist()
+        fedbn[key] = {**fedbn.get(key, {}), **value} if isinstance(value, dict) else value
+    return simulation_config(dataset, tmp_path, **fedbn)
 
 
 def train_message(cfg, cid: int, server_round: int, arrays, accepted: AcceptedStates) -> Message:
