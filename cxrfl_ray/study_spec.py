@@ -11,7 +11,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
 from cxrfl_ray.cascade import LUNG_THRESHOLD
-from cxrfl_ray.config import ConfigError, ExperimentConfig, StrategyConfig, build_config
+from cxrfl_ray.config import ConfigError, ExperimentConfig, StrategyConfig
 from cxrfl_ray.presets import PRESETS
 from cxrfl_ray.sweep import apply_params, config_from, load_spec
 
