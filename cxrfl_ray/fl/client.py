@@ -86,11 +86,15 @@ def runtime(config_yaml: str, site_data: str | None = None) -> Runtime:
     return _RUNTIMES[key]
 
 
-def weights_record(model: torch.nn.Module, state: dict[str, torch.Tensor] | None = None) -> ArrayRecord:
-    """``ArrayRecord(trainable_state(model))`` (or of ``state``), byte for byte, with one copy per
-    tensor: Flower's ``np.save`` into a BytesIO copies each tensor three times (60 ms of a ResNet50
-    message)."""
-    return ArrayRecord({k: _npy_array(v) for k, v in (trainable_state(model) if state is None else state).items()})
+def weights_record(model: torch.nn.Module) -> ArrayRecord:
+    """``ArrayRecord(trainable_state(model))``, byte for byte, with one copy per tensor."""
+    return tensors_record(trainable_state(model))
+
+
+def tensors_record(tensors: dict[str, torch.Tensor]) -> ArrayRecord:
+    """``ArrayRecord(tensors)`` byte for byte, with one copy per tensor: Flower's ``np.save`` into
+    a BytesIO copies each tensor three times (60 ms of a ResNet50 message)."""
+    return ArrayRecord({k: _npy_array(v) for k, v in tensors.items()})
 
 
 def _npy_array(tensor: torch.Tensor) -> Array:
@@ -180,7 +184,7 @@ def train(msg: Message, context: Context) -> Message:
     extra = work.finish(fit)
     metrics = MetricRecord({CLIENT_KEY: cid, "num-examples": len(rt.client_images(cid)), "train_loss": fit["loss"],
                             "steps": fit["steps"], "fit_seconds": time.perf_counter() - started})
-    content = RecordDict({"arrays": weights_record(rt.model, work.reply_weights()), "metrics": metrics, **extra})
+    content = RecordDict({"arrays": tensors_record(work.reply_weights()), "metrics": metrics, **extra})
     return Message(content=content, reply_to=msg)
 
 

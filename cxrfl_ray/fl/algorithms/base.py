@@ -20,6 +20,7 @@ Plain FedAvg (the base classes) adds nothing. Per-client state goes through ``Cl
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
@@ -38,6 +39,20 @@ WEIGHTS_KEY = "arrays"  # the one ArrayRecord Flower's aggregation reads in a re
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """The state dict without BatchNorm's step counters, which must not be averaged."""
     return {k: v for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
+
+
+@functools.cache
+def _skeleton(name: str, task: str, channels: int, norm: str) -> nn.Module:
+    from cxrfl_ray.tasks.models import create_model
+
+    with torch.device("meta"):  # the layers without their memory (milliseconds for a ResNet)
+        return create_model(name, task, channels, 2, norm=norm)
+
+
+def model_skeleton(cfg: ExperimentConfig) -> nn.Module:
+    """The config's model on the meta device, to read its structure (which layers, which buffers)
+    on the server without allocating its weights; built once per model."""
+    return _skeleton(cfg.model.name, cfg.task, cfg.data.channels, cfg.model.norm)
 
 
 @dataclass

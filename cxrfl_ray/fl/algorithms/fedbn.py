@@ -26,7 +26,7 @@ from flwr.app import ArrayRecord
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from cxrfl_ray.fl.algorithms.base import Algorithm, LocalWork, trainable_state
+from cxrfl_ray.fl.algorithms.base import Algorithm, LocalWork, model_skeleton, trainable_state
 from cxrfl_ray.fl.client_state import ClientStateStore
 
 log = logging.getLogger("cxrfl.fl")
@@ -97,8 +97,6 @@ class FedBN(Algorithm):
     def check(cls, cfg) -> None:
         """Refuse a model without BatchNorm: FedBN would then be FedAvg under another name, and a
         benchmark would report a method that did not run (an error costs less than a wrong table)."""
-        from cxrfl_ray.tasks.models import create_model
-
         value = cfg.fl.strategy.options.get("personal_clients", DEFAULT_PERSONAL_CLIENTS)
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise ValueError(f"fl.strategy.options.personal_clients: a count >= 0 of clients evaluated per site, "
@@ -107,9 +105,7 @@ class FedBN(Algorithm):
         if cfg.model.norm != "batch":
             raise ValueError(f"fl.strategy.name fedbn keeps BatchNorm local, but model.norm is {cfg.model.norm!r} "
                              f"(no BatchNorm layer): FedBN would be FedAvg; {fix}")
-        with torch.device("meta"):  # the layers without the memory (milliseconds for a ResNet)
-            model = create_model(cfg.model.name, cfg.task, cfg.data.channels, 2, norm=cfg.model.norm)
-        if not batchnorm_keys(model):
+        if not batchnorm_keys(model_skeleton(cfg)):
             raise ValueError(f"fl.strategy.name fedbn keeps BatchNorm local, but model.name {cfg.model.name!r} has "
                              f"no BatchNorm layer: FedBN would be FedAvg; {fix}")
 

@@ -25,14 +25,12 @@ FedAvg. No client state.
 
 from __future__ import annotations
 
-import functools
-
 import numpy as np
 import torch
 from flwr.app import ArrayRecord, Message
 
 from cxrfl_ray.config import TrainConfig
-from cxrfl_ray.fl.algorithms.base import WEIGHTS_KEY, Algorithm
+from cxrfl_ray.fl.algorithms.base import WEIGHTS_KEY, Algorithm, model_skeleton
 from cxrfl_ray.fl.client import _npy_array, _npy_view
 
 
@@ -68,14 +66,6 @@ def normalise_replies(arrays: ArrayRecord, replies: list[Message], normalisers: 
     return tau_eff
 
 
-@functools.cache
-def model_buffers(model: str, task: str, channels: int, norm: str) -> frozenset[str]:
-    """Names of the model's buffers (BatchNorm's running statistics): built once, on the CPU."""
-    from cxrfl_ray.tasks.models import create_model
-
-    return frozenset(name for name, _ in create_model(model, task, channels, 2, norm=norm).named_buffers())
-
-
 class FedNova(Algorithm):
     name = "fednova"
 
@@ -83,6 +73,6 @@ class FedNova(Algorithm):
         cfg = self.cfg
         if replies:
             a = [normaliser(int(r.content["metrics"]["steps"]), cfg.train) for r in replies]
-            buffers = model_buffers(cfg.model.name, cfg.task, cfg.data.channels, cfg.model.norm)
+            buffers = frozenset(name for name, _ in model_skeleton(cfg).named_buffers())
             normalise_replies(arrays, replies, a, strategy.weighted_by_key, buffers)
         return strategy.aggregate_train(server_round, replies)

@@ -37,7 +37,7 @@ from flwr.app import ArrayRecord
 
 from cxrfl_ray.config import ExperimentConfig
 from cxrfl_ray.fl.algorithms.base import Algorithm, LocalWork, take_records
-from cxrfl_ray.fl.client import _npy_view, weights_record
+from cxrfl_ray.fl.client import _npy_view, tensors_record
 from cxrfl_ray.fl.strategies import reply_client
 
 C_KEY = "scaffold-c"  # training message: the server's control variate
@@ -80,7 +80,7 @@ class ScaffoldWork(LocalWork):
             delta = {k: self.c_i[k].neg_().add_(new[k]).cpu() for k in new}
             new = {k: v.cpu() for k, v in new.items()}
         self.ctx.save_state(new)
-        return {DELTA_KEY: weights_record(self.ctx.model, delta)}
+        return {DELTA_KEY: tensors_record(delta)}
 
 
 def _number(value: Any) -> float | None:
@@ -133,7 +133,7 @@ class Scaffold(Algorithm):
         if not self.c:
             return {}
         if self._record is None:
-            self._record = weights_record(None, {k: torch.from_numpy(v) for k, v in self.c.items()})
+            self._record = tensors_record({k: torch.from_numpy(v) for k, v in self.c.items()})
         return {C_KEY: self._record}
 
     def aggregate(self, strategy, server_round: int, arrays: ArrayRecord, replies):
@@ -148,7 +148,7 @@ class Scaffold(Algorithm):
         names = list(deltas[0][DELTA_KEY].keys())  # the trainable parameters
         if self.server_lr != 1.0:  # x + eta_g * (avg - x) for the parameters, in their dtype
             x = {k: _npy_view(arrays[k]) for k in names}
-            stepped = weights_record(None, {k: torch.from_numpy(
+            stepped = tensors_record({k: torch.from_numpy(
                 (x[k] + self.server_lr * (_npy_view(new[k]).astype(np.float64) - x[k])).astype(x[k].dtype)) for k in names})
             new = ArrayRecord({k: stepped[k] if k in names else v for k, v in new.items()})
         n = self.num_clients
