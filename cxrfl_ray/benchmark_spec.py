@@ -190,7 +190,7 @@ def experiment(spec: BenchmarkSpec, task: str, name: str, seed: int | None, out:
 
 def _check_method(spec: BenchmarkSpec, method: MethodSpec, cfg: ExperimentConfig, clients: int) -> None:
     """The strategy and its algorithm accept the options and the config (as ``run_federated`` checks)."""
-    from cxrfl_ray.fl.algorithms import algorithm_class
+    from cxrfl_ray.fl.rounds import ServerHooks
     from cxrfl_ray.fl.strategies import make_strategy
 
     flwr_log = logging.getLogger("flwr")
@@ -199,7 +199,7 @@ def _check_method(spec: BenchmarkSpec, method: MethodSpec, cfg: ExperimentConfig
     try:
         make_strategy(method.name, dict(method.options), num_clients=clients, per_round=cfg.clients_per_round,
                       seed=cfg.seed, client_eval=cfg.fl.client_eval)
-        algorithm_class(method.name).check(cfg)
+        ServerHooks.check(cfg, clients)
     except ImportError as exc:
         raise ConfigError(f"{_where(spec)}: methods {method.title}: not available here ({exc})") from None
     except ValueError as exc:

@@ -190,6 +190,47 @@ class TrackingConfig(Section):
     group: str | None = Field(None, description="W&B group (a sweep groups its trials by its name)")
 
 
+class AdaptiveClipConfig(Section):
+    """Adaptive clipping (Andrew et al. 2021): the clip norm follows a quantile of the update
+    norms, learned from a noised count of the clients that were not clipped."""
+
+    target_quantile: Number = Field(0.5, gt=0, lt=1, description="share of updates the clip should leave unclipped")
+    clip_lr: Number = Field(0.2, gt=0, description="geometric step of the clip norm per round")
+    count_stddev: Number | None = Field(
+        None, gt=0, description="std of the noise on the unclipped count (default: cohort / 20 as Andrew et al., "
+                                  "at least 1 / noise_multiplier)")
+
+
+class PrivacyConfig(Section):
+    """Differential privacy: none; client-level DP-FedAvg (each client's whole update clipped on
+    the server, Gaussian noise on their average); or sample-level DP-SGD on each client (Opacus).
+    Give ``noise_multiplier`` or ``target_epsilon`` (docs/PRIVACY.md)."""
+
+    mode: Literal["none", "client", "sample"] = "none"
+    noise_multiplier: Number | None = Field(None, ge=0, description="noise std / clip norm (z)")
+    target_epsilon: Number | None = Field(None, gt=0, description="solve z so the planned rounds end at this epsilon")
+    clip_norm: Number = Field(1.0, gt=0, description="L2 clip (C): of a client's update (client) or of a "
+                                                     "sample's gradient (sample); the start value with adaptive_clip")
+    adaptive_clip: AdaptiveClipConfig | None = Field(None, description="client mode: learn the clip norm")
+    delta: Number = Field(1e-5, gt=0, lt=1, description="the delta epsilon is reported at")
+    accountant: Literal["rdp", "pld"] = Field("rdp", description="dp-accounting's RDP or PLD accountant")
+
+    @model_validator(mode="after")
+    def _complete(self) -> "PrivacyConfig":
+        if self.mode == "none":
+            given = [k for k in ("noise_multiplier", "target_epsilon", "adaptive_clip") if getattr(self, k) is not None]
+            if given:
+                raise ValueError(f"privacy.{given[0]} is set but privacy.mode is 'none'; set privacy.mode "
+                                 f"(client or sample) or remove it")
+            return self
+        if (self.noise_multiplier is None) == (self.target_epsilon is None):
+            raise ValueError(f"privacy.mode {self.mode!r}: give exactly one of privacy.noise_multiplier and "
+                             f"privacy.target_epsilon")
+        if self.adaptive_clip is not None and self.mode != "client":
+            raise ValueError("privacy.adaptive_clip is for privacy.mode 'client' (it adapts the update clip)")
+        return self
+
+
 class ExperimentConfig(Section):
     """An experiment: task, data, model, local training, seed and where results go."""
 
@@ -203,6 +244,7 @@ class ExperimentConfig(Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     fl: FLConfig = Field(default_factory=FLConfig)
     faults: FaultsConfig = Field(default_factory=FaultsConfig)
+    privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
     @property

@@ -23,6 +23,7 @@ from cxrfl_ray.data.torch_dataset import ClientImages
 from cxrfl_ray.experiment import Prepared, prepare
 from cxrfl_ray.fl.algorithms import Algorithm, ClientRound, make_algorithm
 from cxrfl_ray.fl.algorithms.base import trainable_state
+from cxrfl_ray.fl.privacy import privacy_class
 from cxrfl_ray.fl.client_state import STATE_DIR_KEY, STATE_ROUND_KEY, ClientStateStore
 from cxrfl_ray.fl.strategies import CLIENT_KEY
 from cxrfl_ray.tasks.models import create_model
@@ -201,7 +202,7 @@ def _begin_work(rt: Runtime, msg: Message, context: Context, cid: int, server_ro
     config = msg.content["config"]
     ctx = ClientRound(cid, server_round, rt.model, rt.cfg, msg.content, _state_store(rt, context, config, cid),
                       int(config.get(STATE_ROUND_KEY, 0)))
-    work = rt.algorithm.local(ctx)
+    work = privacy_class(rt.cfg.privacy.mode).local_work(rt.cfg, rt.algorithm.local(ctx), ctx)
     work.begin()
     return work
 

@@ -23,7 +23,7 @@ from flwr.serverapp import Grid, ServerApp
 from cxrfl_ray.config import ConfigError, load_config
 from cxrfl_ray.experiment import prepare
 from cxrfl_ray.fl.server import Outcome, serve
-from cxrfl_ray.fl.algorithms import algorithm_class
+from cxrfl_ray.fl.rounds import ServerHooks
 from cxrfl_ray.fl.state import check_resume, saved_round
 
 server_app = ServerApp()
@@ -37,7 +37,7 @@ def main(grid: Grid, context: Context) -> None:
     cfg = load_config(str(rc["config"]), shlex.split(str(rc.get("set", ""))))
     prep = prepare(cfg, role="server")  # checks the evaluation data before any site trains
     try:
-        algorithm_class(cfg.fl.strategy.name).check(prep.cfg)  # e.g. FedBN without BatchNorm
+        ServerHooks.check(prep.cfg, prep.cfg.partition.clients)  # e.g. FedBN without BatchNorm, DP-SGD with it
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     run_dir = Path(str(rc.get("out") or Path(cfg.out_dir) / f"{cfg.name}-deploy"))

@@ -33,7 +33,7 @@ from cxrfl_ray.baseline import new_run_dir
 from cxrfl_ray.config import ConfigError, ExperimentConfig, load_config
 from cxrfl_ray.experiment import prepare
 from cxrfl_ray.fl.state import STATE_FILE, check_resume, saved_round
-from cxrfl_ray.fl.algorithms import algorithm_class
+from cxrfl_ray.fl.rounds import ServerHooks
 from cxrfl_ray.fl.strategies import make_strategy
 
 QUIET_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "RAY_DEDUP_LOGS": "1", "RAY_USAGE_STATS_ENABLED": "0",
@@ -280,7 +280,7 @@ def run_federated(cfg: ExperimentConfig | None = None, quiet: bool = False, verb
         make_strategy(cfg.fl.strategy.name, dict(cfg.fl.strategy.options), num_clients=len(prep.plan.clients),
                       per_round=cfg.clients_per_round, seed=cfg.seed, client_eval=cfg.fl.client_eval,
                       min_replies=cfg.fl.min_replies)
-        algorithm_class(cfg.fl.strategy.name).check(cfg)
+        ServerHooks.check(cfg, len(prep.plan.clients))
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     if cfg.fl.min_replies > cfg.clients_per_round:

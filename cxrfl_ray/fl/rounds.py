@@ -19,9 +19,10 @@ from typing import Callable
 import numpy as np
 from flwr.app import ArrayRecord, Message, RecordDict
 
-from cxrfl_ray.fl.algorithms import Algorithm, make_algorithm
+from cxrfl_ray.fl.algorithms import Algorithm, algorithm_class, make_algorithm
 from cxrfl_ray.fl.client import _npy_view
 from cxrfl_ray.fl.client_state import AcceptedStates
+from cxrfl_ray.fl.privacy import NoPrivacy, make_privacy, privacy_class
 from cxrfl_ray.fl.strategies import CLIENT_KEY, reply_client
 from cxrfl_ray.tasks.training import DivergedError, check_finite, located, nonfinite_tensor, nonfinite_value
 
@@ -149,27 +150,46 @@ class Trained:
     selected: int
     good: list[Message]
     failures: list[Failure]
-    info: dict[str, float]  # train_loss of the aggregated round (absent for a failed round)
+    info: dict[str, float]  # train_loss of the aggregated round (absent for a failed round), epsilon (DP)
+    privacy: dict[str, dict[str, float]]  # the accountant's rows after the round: {id: metrics}
+
+
+PRIVACY_PREFIX = "privacy/"  # the privacy mechanism's tensors among the round state's algorithm/ ones
 
 
 @dataclass
 class ServerHooks:
-    """The server's side of the seam for one run: the algorithm, the failed-round policy, and
-    (for algorithms with client state) which state file of each client counts."""
+    """The server's side of the seam for one run: the algorithm, the failed-round policy, the
+    privacy mechanism and (for algorithms with client state) which state file of each client counts."""
 
     algorithm: Algorithm
     policy: FailedRounds
+    privacy: NoPrivacy
     accepted: AcceptedStates | None = None
+
+    @staticmethod
+    def check(cfg, num_clients: int) -> None:
+        """Refuse a config the algorithm or the privacy mode cannot run (``ValueError`` naming the
+        field), before Ray starts."""
+        algorithm_class(cfg.fl.strategy.name).check(cfg)
+        privacy_class(cfg.privacy.mode).check(cfg, num_clients, cfg.clients_per_round)
 
     @classmethod
     def for_run(cls, cfg, num_clients: int, state_root) -> "ServerHooks":
         algorithm = make_algorithm(cfg)
         accepted = AcceptedStates(num_clients, state_root) if algorithm.keeps_client_state else None
-        return cls(algorithm, FailedRounds(cfg.fl.min_replies, cfg.fl.max_failed_rounds), accepted)
+        return cls(algorithm, FailedRounds(cfg.fl.min_replies, cfg.fl.max_failed_rounds),
+                   make_privacy(cfg, num_clients, cfg.clients_per_round), accepted)
+
+    def aggregate(self, strategy, server_round: int, arrays: ArrayRecord, replies: list[Message]):
+        """The algorithm's aggregation of the usable replies, through the privacy mechanism."""
+        return self.privacy.aggregate(server_round, arrays, replies,
+                                      lambda rs: self.algorithm.aggregate(strategy, server_round, arrays, rs))
 
     def state(self) -> dict[str, np.ndarray]:
         """Tensors saved with the round state (``extra`` holds the policy's streak)."""
-        return {**self.algorithm.state(), **({"accepted_rounds": self.accepted.rounds} if self.accepted else {})}
+        return {**self.algorithm.state(), **({"accepted_rounds": self.accepted.rounds} if self.accepted else {}),
+                **{f"{PRIVACY_PREFIX}{k}": v for k, v in self.privacy.state().items()}}
 
     def saved(self) -> None:
         """After the round state is saved: client files it no longer refers to may go."""
@@ -178,6 +198,8 @@ class ServerHooks:
 
     def restore(self, tensors: dict[str, np.ndarray], extra: dict) -> None:
         self.policy.restore(extra)
+        self.privacy.restore({k.removeprefix(PRIVACY_PREFIX): tensors.pop(k) for k in list(tensors)
+                              if k.startswith(PRIVACY_PREFIX)})
         if self.accepted is not None:
             self.accepted.rounds = tensors.pop("accepted_rounds").astype(np.int32)
         self.algorithm.restore(tensors)
@@ -194,13 +216,16 @@ def train_round(strategy, grid, server_round: int, arrays: ArrayRecord, config, 
     good, failures = screen(messages, list(grid.send_and_receive(messages, timeout=timeout)), timeout)
     info: dict[str, float] = {}
     if hooks.policy.judge(server_round, len(messages), len(good), failures):
-        new_arrays, aggregated = hooks.algorithm.aggregate(strategy, server_round, arrays, good)
+        new_arrays, aggregated = hooks.aggregate(strategy, server_round, arrays, good)
         arrays = arrays if new_arrays is None else new_arrays
         if aggregated is not None:
             info["train_loss"] = float(aggregated["train_loss"])
         if accepted is not None:
             accepted.accept(server_round, [reply_client(r) for r in good])
-    return Trained(arrays, len(messages), good, failures, info)
+    privacy = hooks.privacy.account(server_round, good)
+    if privacy:
+        info["epsilon"] = max(m["epsilon"] for m in privacy.values())
+    return Trained(arrays, len(messages), good, failures, info, privacy)
 
 
 def evaluate_global(server_round: int, arrays: ArrayRecord, evaluate: Callable[[], dict], metric: str,

@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from cxrfl_ray.experiment import Prepared, evaluate_views
 from cxrfl_ray.fl.client import EXPERIMENT_KEY, load_global, weights_record
+from cxrfl_ray.fl.privacy import SCOPE as PRIVACY_SCOPE
 from cxrfl_ray.fl.rounds import ServerHooks, evaluate_global, train_round
 from cxrfl_ray.fl.state import load_algorithm_state, load_state, restore_strategy, save_state
 from cxrfl_ray.fl.strategies import CLIENT_KEY, make_strategy, reply_client
@@ -173,6 +174,8 @@ def serve(grid: Grid, prep: Prepared, run_dir: Path, outcome: Outcome, *, quiet:
             round_info = {"selected": trained.selected, "replied": len(trained.good),
                           "failures": len(trained.failures), "failures_total": failures_total, **trained.info}
             sink.log(server_round, "round", "server", round_info)
+            for pid, metrics in trained.privacy.items():
+                sink.log(server_round, PRIVACY_SCOPE, pid, metrics)
             if cfg.fl.client_eval:
                 eval_msgs = list(strategy.configure_evaluate(server_round, arrays, train_config, grid))
                 _log_clients(sink, server_round, "client_eval", sorted(
@@ -194,7 +197,7 @@ def serve(grid: Grid, prep: Prepared, run_dir: Path, outcome: Outcome, *, quiet:
             "best_value": best, "best_round": best_round,
             "final": {f"{s}:{i}": m for (s, i), m in results.items()},
             "rounds_to_threshold": rounds_to_thresholds(series, cfg.fl.thresholds, main_metric, task.mode),
-            "client_failures": failures_total,
+            "client_failures": failures_total, "privacy": hooks.privacy.summary(),
             "wall_time_s": round(time.time() - start, 2),
         }
         write_json(run_dir / "summary.json", outcome.summary)
@@ -225,4 +228,5 @@ def _print_round(server_round: int, rounds: int, results: dict, view: tuple, met
     value = results.get(view, {}).get(metric, float("nan"))
     extra = f", train loss {info['train_loss']:.4f}" if info and "train_loss" in info else ""
     fails = f", {info['failures']} failed" if info and info.get("failures") else ""
-    tqdm.write(f"[round {server_round}/{rounds}] {view[0]}:{view[1]} {metric} {value:.4f}{extra}{fails}")
+    eps = f", epsilon {info['epsilon']:.3g}" if info and "epsilon" in info else ""
+    tqdm.write(f"[round {server_round}/{rounds}] {view[0]}:{view[1]} {metric} {value:.4f}{extra}{fails}{eps}")
