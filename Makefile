@@ -9,7 +9,7 @@ export FLWR_TELEMETRY_ENABLED := 0
 export WANDB_MODE ?= offline
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: run test bench install clean real-study
+.PHONY: run test bench install clean real-study real-benchmark
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -28,6 +28,13 @@ run: $(STAMP)
 # runs/studies/real_hospitals/report.md. Rerun to continue an interrupted study.
 real-study: $(STAMP)
 	$(BIN)/cxrfl study tune_configs/real_hospitals.yaml
+
+# Issue 15's benchmark on the two real hospitals: pooled, local-only, FedAvg, FedBN, SCAFFOLD
+# (runs/benchmarks/benchmark_real/benchmark.md). Rerun to continue an interrupted benchmark.
+real-benchmark: $(STAMP)
+	test -f data/lungseg/dataset.json || $(BIN)/cxrfl ingest manifest ../shared/data/lungseg_mc_sz/montgomery \
+		../shared/data/lungseg_mc_sz/shenzhen --out data/lungseg --max-size 256 --quiet
+	$(BIN)/cxrfl benchmark tune_configs/benchmark_real.yaml
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
