@@ -93,8 +93,18 @@ class WandbRun:
 
     def finish(self, summary: dict | None = None) -> None:
         if self.run is not None:
-            for key, value in (summary or {}).items():
-                if isinstance(value, (int, float, str)) or value is None:
-                    self.run.summary[key] = value
+            for key, value in _scalars(summary or {}).items():
+                self.run.summary[key] = value
             self.run.finish()
             self.run = None
+
+
+def _scalars(summary: dict, prefix: str = "") -> dict:
+    """The summary's scalars, nested sections flattened (``privacy/epsilon``), for W&B's run summary."""
+    out: dict = {}
+    for key, value in summary.items():
+        if isinstance(value, dict):
+            out.update(_scalars(value, f"{prefix}{key}/"))
+        elif isinstance(value, (int, float, str)) or value is None:
+            out[f"{prefix}{key}"] = value
+    return out

@@ -166,13 +166,13 @@ def test_privacy_fields_are_checked_with_the_config():
 
 # -- on the engine ------------------------------------------------------------------------------
 
-def run_config(dataset, tmp_path, name: str, **privacy):
+def run_config(dataset, tmp_path, name: str, wandb: str = "disabled", **privacy):
     return build_config({
         "name": name, "out_dir": str(tmp_path), "seed": 0, "task": "classification",
         "data": {"path": str(dataset), "size": 32}, "model": {"name": "tiny-conv"}, "partition": {"clients": 3},
         "train": {"optimizer": "sgd", "momentum": 0.0, "lr": 0.05, "steps": 2, "batch_size": 8},
         "fl": {"rounds": 3, "clients_per_round": 2, "round_timeout": 120},
-        "privacy": privacy or {"mode": "none"}, "tracking": {"wandb": "disabled"}})
+        "privacy": privacy or {"mode": "none"}, "tracking": {"wandb": wandb}})
 
 
 def _rows(run, scopes=None):
@@ -203,8 +203,11 @@ def test_zero_noise_and_a_large_clip_is_the_plain_run_bit_for_bit_and_a_killed_d
     assert zero_rows == _rows(plain, scopes)
     assert json.loads((zero / "summary.json").read_text())["privacy"]["epsilon"] is None  # no noise: no guarantee
 
-    dp = run_config(data, tmp_path, "dp", mode="client", noise_multiplier=1.0, clip_norm=0.05, adaptive_clip={})
+    dp = run_config(data, tmp_path, "dp", wandb="offline", mode="client", noise_multiplier=1.0, clip_norm=0.05,
+                    adaptive_clip={})
     reference = run_federated(dp, quiet=True)
+    (history,) = next((reference / "wandb").glob("offline-run-*")).glob("run-*.wandb")
+    assert b"privacy/federation/epsilon" in history.read_bytes() and b"privacy/epsilon" in history.read_bytes()
     privacy = [r for r in _rows(reference) if r[1] == "privacy"]
     eps = {rnd: v for rnd, _, _, m, v in privacy if m == "epsilon"}
     assert list(eps) == [1, 2, 3] and eps[1] < eps[2] < eps[3]
