@@ -33,8 +33,9 @@ from cxrfl_ray.jsonio import write_json
 CSV_FILE, TRIALS_FILE, TUNE_DIR = "benchmark.csv", "trials.csv", "tune"
 COLUMNS = ["task", "method", "seed", "train_site", "test", "metric", "value"]
 # The scopes a model is compared on; "personal": a site's own model (FedBN: the global weights
-# plus that site's BatchNorm) on the site's test rows, beside the global model's "site" row.
-TESTS = ("central", "site", "holdout", "personal")
+# plus that site's BatchNorm) on the site's test rows, beside the global model's "site" row;
+# "adapted": the global model on a held-out site with that site's own BatchNorm statistics (FedBN's AdaBN).
+TESTS = ("central", "site", "holdout", "personal", "adapted")
 NOT_METRICS = ("examples", "clients")  # a view's row count, the personal models averaged
 
 
@@ -44,7 +45,7 @@ class BenchmarkError(ValueError):
 
 def test_name(scope: str, vid: str, cfg: ExperimentConfig) -> str | None:
     """The test set a view is: ``pooled``, ``site:S`` (S's test rows), ``holdout:S``, ``personal:S``
-    (S's own model on S's test rows); None for others (val)."""
+    (S's own model on S's test rows), ``adapted:S`` (held-out S, AdaBN); None for others (val)."""
     if scope == "central":
         return "pooled" if vid == cfg.data.test_split else None
     return f"{scope}:{vid}" if scope in TESTS else None

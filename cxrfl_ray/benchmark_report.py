@@ -20,12 +20,13 @@ def _row_name(method: str, train_site: str) -> str:
 
 def _header(test: str) -> str:
     scope, _, site = test.partition(":")
-    return {"site": site, "holdout": f"{site} (held out)", "personal": f"{site} (its own model)"}.get(scope, "pooled test")
+    return {"site": site, "holdout": f"{site} (held out)", "personal": f"{site} (its own model)",
+            "adapted": f"{site} (held out, AdaBN)"}.get(scope, "pooled test")
 
 
 def _tests(frame: pd.DataFrame) -> list[str]:
     """Test sets in reading order: pooled, each site's test rows, the held-out sites."""
-    order = {"pooled": 0, "site": 1, "holdout": 2, "personal": 3}
+    order = {"pooled": 0, "site": 1, "holdout": 2, "personal": 3, "adapted": 4}
     return sorted(frame["test"].unique(), key=lambda t: (order[t.partition(":")[0]], t))
 
 
@@ -112,12 +113,17 @@ def plot_sites(path: Path, frame: pd.DataFrame, records: pd.DataFrame, task: str
     kinds = records.drop_duplicates("method").set_index("method")["kind"]
     local = [m for m, k in kinds.items() if k == "local"]
     personal = set(scores[scores["test"].str.startswith("personal:")]["method"])
+    adapted = set(scores[scores["test"].str.startswith("adapted:")]["method"])
     series = [m for m, k in kinds.items() if k == "pooled"] + ([LOCAL] if local else [])
     for m in (m for m, k in kinds.items() if k == "federated"):
-        series += [m] + ([f"{m} (own model)"] if m in personal else [])
+        series += [m] + ([f"{m} (own model)"] if m in personal else []) + ([f"{m} (AdaBN)"] if m in adapted else [])
 
     def values(name: str, test: str) -> pd.Series:
         here = scores[scores["test"] == test]
+        if name.endswith(" (AdaBN)"):  # the global model with a held-out site's own BatchNorm statistics
+            mine = scores[scores["test"] == f"adapted:{test.removeprefix('holdout:')}"] if test.startswith("holdout:") \
+                else scores.iloc[:0]
+            return mine[mine["method"] == name.removesuffix(" (AdaBN)")]["value"]
         if name.endswith(" (own model)"):  # a site's own model exists for its own site only
             mine = scores[scores["test"] == f"personal:{test.removeprefix('site:')}"] if test.startswith("site:") \
                 else scores.iloc[:0]
@@ -156,7 +162,10 @@ def _personal_note(frame: pd.DataFrame) -> list[str]:
     return [f"{', '.join(methods)}: the site columns are the global model (BatchNorm at its initial values: what "
             f"a new hospital gets), picked by central val like every model; \"its own model\" is each site's model "
             f"(the global weights plus that site's BatchNorm) of the last round, on that site's test rows (it is "
-            f"not evaluated on val, so nothing picks a best round for it).", ""]
+            f"not evaluated on val, so nothing picks a best round for it)."
+            + (" \"held out, AdaBN\" is the global model of the same best round on the held-out site with BatchNorm "
+               "statistics computed from that site's own (unlabeled) images." if
+               frame["test"].str.startswith("adapted:").any() else ""), ""]
 
 
 def write_report(out: Path, spec, failed: dict[str, str]) -> Path:

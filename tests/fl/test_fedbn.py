@@ -288,3 +288,48 @@ def test_fedbn_simulation_resumes_exactly_and_survives_a_replaced_actor(phantoms
     (wandb_run,) = (reference / "wandb").glob("offline-run-*")
     (history,) = wandb_run.glob("run-*.wandb")
     assert b"personal/site1/accuracy" in history.read_bytes()
+
+
+def test_a_held_out_site_is_scored_with_batchnorm_statistics_of_its_own_images(phantoms, tmp_path):
+    """AdaBN: the global weights, each BatchNorm layer's statistics recomputed from the held-out
+    site's images; every other tensor and the model's own BN come back unchanged."""
+    import functools
+
+    from cxrfl_ray.experiment import evaluate_views, prepare
+    from cxrfl_ray.fl.algorithms.fedbn import adapt_batchnorm
+    from cxrfl_ray.tasks.models import create_model
+
+    prep = prepare(config(phantoms(n=90, size=32, sites=3), tmp_path, data={"holdout_sites": ["site2"]}))
+    torch.manual_seed(0)
+    model = create_model(prep.cfg.model.name, prep.cfg.task, 1, prep.num_classes)
+    evaluate = functools.partial(evaluate_views, prep, model, torch.device("cpu"), prep.task.make_loss("cross_entropy"))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    plain = evaluate([("holdout", "site2")])[("holdout", "site2")]
+    out = FedBN(prep.cfg, {}).evaluate_personal(0, model, prep, AcceptedStates(len(prep.plan.clients), None), evaluate)
+    assert set(out) == {("adapted", "site2")}
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+    # By hand: the first BN layer's input statistics per batch of the site's images, averaged over
+    # the batches (momentum None: a cumulative average; the unbiased variance, as BatchNorm keeps).
+    loader = prep.loader(prep.views[("holdout", "site2")], train=False)
+    first, seen = model.bn1, []
+    hook = first.register_forward_hook(lambda m, inp, o: seen.append(inp[0].detach()))
+    with torch.no_grad():
+        model.eval()
+        for x, _ in loader:
+            model(x)
+    hook.remove()
+    assert len(seen) >= 1
+    adapt_batchnorm(model, loader, torch.device("cpu"))
+    torch.testing.assert_close(first.running_mean, torch.stack([x.mean((0, 2, 3)) for x in seen]).mean(0),
+                               rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(first.running_var, torch.stack([x.var((0, 2, 3)) for x in seen]).mean(0),
+                               rtol=1e-3, atol=1e-5)
+    assert not torch.allclose(first.running_mean, before["bn1.running_mean"])
+    assert first.momentum == 0.1 and not first.training  # put back as they were
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items() if k not in set(batchnorm_keys(model)))
+    assert evaluate([("holdout", "site2")])[("holdout", "site2")] == out[("adapted", "site2")]
+    assert out[("adapted", "site2")]["loss"] != pytest.approx(plain["loss"], rel=1e-3)
+    off = FedBN(prep.cfg, {"unseen_bn": "none"})
+    model.load_state_dict(before)
+    assert off.evaluate_personal(0, model, prep, AcceptedStates(len(prep.plan.clients), None), evaluate) == {}

@@ -13,7 +13,9 @@ client (``FedBNWork``)                           server (``FedBN``)
 
 The global model's BN tensors therefore stay at their initial values, and its own evaluation
 (scope ``central``/``site``/``holdout``, as for every strategy) shows what a site without a BN of
-its own (a new hospital) would get; the scope ``personal`` shows what each site's model does.
+its own (a new hospital) would get; the scope ``personal`` shows what each site's model does, and
+the scope ``adapted`` what a new hospital gets by computing its own BatchNorm statistics from its
+unlabeled images (AdaBN, Li et al. 2016; ``fl.strategy.options.unseen_bn``, default ``adabn``).
 """
 
 from __future__ import annotations
@@ -32,7 +34,9 @@ from cxrfl_ray.fl.client_state import ClientStateStore
 log = logging.getLogger("cxrfl.fl")
 
 PERSONAL_SCOPE = "personal"
+ADAPTED_SCOPE = "adapted"  # the global model with BatchNorm statistics of a held-out site's own images (AdaBN)
 DEFAULT_PERSONAL_CLIENTS = 8
+UNSEEN_BN = ("adabn", "none")
 
 
 def batchnorm_keys(model: nn.Module) -> list[str]:
@@ -40,6 +44,27 @@ def batchnorm_keys(model: nn.Module) -> list[str]:
     included), in the model's order."""
     return [f"{name}.{key}" if name else key for name, module in model.named_modules()
             if isinstance(module, _BatchNorm) for key in module.state_dict()]
+
+
+@torch.no_grad()
+def adapt_batchnorm(model: nn.Module, loader, device: torch.device) -> None:
+    """AdaBN: every BatchNorm layer's running statistics recomputed from the images of ``loader``
+    (labels unused), as the average of its batches' statistics; nothing else changes (other layers
+    stay in eval mode)."""
+    layers = [m for m in model.modules() if isinstance(m, _BatchNorm)]
+    momenta = [m.momentum for m in layers]
+    model.eval()
+    for m in layers:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over the batches, not an exponential one
+        m.train()
+    try:
+        for x, _ in loader:
+            model(x.to(device))
+    finally:
+        for m, momentum in zip(layers, momenta):
+            m.momentum = momentum
+        model.eval()
 
 
 def load_batchnorm(model: nn.Module, state: dict[str, torch.Tensor], keys: list[str], what: str) -> None:
@@ -81,16 +106,18 @@ class FedBN(Algorithm):
     """FedBN's hooks; the averaging of the non-BN tensors is Flower's FedAvg.
 
     ``fl.strategy.options.personal_clients`` (default 8, 0: none): how many clients per site the
-    personalised evaluation runs each round (see ``evaluate_personal``)."""
+    personalised evaluation runs each round (see ``evaluate_personal``); ``unseen_bn`` (``adabn``
+    or ``none``): how the global model meets a held-out site."""
 
     name = "fedbn"
-    options = ("personal_clients",)
+    options = ("personal_clients", "unseen_bn")
     keeps_client_state = True
     personal = True
 
     def __init__(self, cfg, options) -> None:
         super().__init__(cfg, options)
         self.personal_clients = int(options.get("personal_clients", DEFAULT_PERSONAL_CLIENTS))
+        self.unseen_bn = str(options.get("unseen_bn", "adabn"))
         self._sites: dict[str, list[int]] | None = None
 
     @classmethod
@@ -101,6 +128,10 @@ class FedBN(Algorithm):
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise ValueError(f"fl.strategy.options.personal_clients: a count >= 0 of clients evaluated per site, "
                              f"not {value!r}")
+        unseen = cfg.fl.strategy.options.get("unseen_bn", "adabn")
+        if unseen not in UNSEEN_BN:
+            raise ValueError(f"fl.strategy.options.unseen_bn: {' or '.join(UNSEEN_BN)} (how the global model meets "
+                             f"a held-out site), not {unseen!r}")
         fix = "use model.norm: batch with a BatchNorm model, or fl.strategy.name: fedavg"
         if cfg.model.norm != "batch":
             raise ValueError(f"fl.strategy.name fedbn keeps BatchNorm local, but model.norm is {cfg.model.norm!r} "
@@ -157,19 +188,22 @@ class FedBN(Algorithm):
         cost per round at most ``personal_clients`` passes over the test split, whatever the
         number of clients: clients of one site are IID splits of it, so a few represent it.
 
+        Held-out sites get the ``adapted`` scope (``evaluate_adapted``), on the server in either case.
         In a real federation (``accepted.root`` is None) the BN states are on the sites, out of
-        the server's reach, and nothing is returned: the way to a personal result there is
+        the server's reach, and no personal result is returned: the way to one there is
         client-side evaluation (``fl.client_eval``) on each site with its own BN (the ClientApp's
         ``evaluate`` scores the global model as sent today; loading the site's BN there is the
         step left).
         """
-        if accepted is None or accepted.root is None or self.personal_clients == 0:
-            return {}
         keys = batchnorm_keys(model)
         global_bn = {k: v.detach().clone() for k, v in model.state_dict().items() if k in set(keys)}
         results: dict[tuple[str, str], dict[str, float]] = {}
+        on_server = accepted is not None and accepted.root is not None and self.personal_clients > 0
         try:
-            for site, clients in self.site_clients(prep).items():
+            if self.unseen_bn == "adabn":
+                results.update(self.evaluate_adapted(model, prep, evaluate))
+                model.load_state_dict(global_bn, strict=False)
+            for site, clients in (self.site_clients(prep) if on_server else {}).items():
                 chosen = [c for c in clients if accepted.rounds[c] > 0][: self.personal_clients]
                 per_client = []
                 for cid in chosen:
@@ -182,4 +216,16 @@ class FedBN(Algorithm):
                         "clients": float(len(per_client))}
         finally:
             model.load_state_dict(global_bn, strict=False)
+        return results
+
+    def evaluate_adapted(self, model, prep, evaluate) -> dict[tuple[str, str], dict[str, float]]:
+        """The global weights on each held-out site, with BatchNorm statistics computed from that
+        site's own images (AdaBN): what a new hospital without a BN of its own can do with its
+        unlabeled images before it scores the model. Transductive: the statistics come from the
+        images scored (all of the held-out site's rows, as the ``holdout`` view scores them)."""
+        device = next(model.parameters()).device
+        results = {}
+        for scope, site in [k for k in prep.views if k[0] == "holdout"]:
+            adapt_batchnorm(model, prep.loader(prep.views[(scope, site)], train=False), device)
+            results[(ADAPTED_SCOPE, site)] = evaluate([(scope, site)])[(scope, site)]
         return results
