@@ -5,8 +5,8 @@ the final and best value of the sweep's metric (mean and spread over seeds), the
 validation loss, and the rounds needed to reach a threshold (the paper's segmentation table:
 Jaccard 0.92 by local epochs x clients per round). With two swept parameters the rounds table is
 laid out as the paper's grid; every pair of swept parameters gets heatmaps of the final and best
-value, and each configuration a metric-by-round curve. ``report.md`` embeds the PNGs; CSVs sit
-beside it.
+value, and each configuration a metric-by-round curve. A sweep with DP trials also gets the
+privacy-utility curve (``privacy_report.py``). ``report.md`` embeds the PNGs; CSVs sit beside it.
 """
 
 from __future__ import annotations
@@ -146,6 +146,11 @@ def report_sweep(sweep_dir: Path, threshold: float | None = None) -> Path:
     if "error" in trials and trials["error"].notna().any():
         failed = trials.dropna(subset=["error"]).drop_duplicates("trial")
         lines += ["## Failed trials", ""] + [f"- `{r.trial}`: {r.error}" for r in failed.itertuples()] + [""]
+    from cxrfl_ray.privacy_report import privacy_records, privacy_section, uses_privacy
+
+    private = privacy_records(sweep_dir, outcomes)
+    if uses_privacy(private):  # some trial ran with DP: final metric against epsilon (privacy_report.py)
+        lines += privacy_section(out, private, swept, metric, spec.name)
     finished = outcomes[outcomes["status"] != FAILED]  # plots show results, not runs that failed
     lines += _heatmaps(out, finished, swept, metric)
     if metric in trials and (trials["status"] != FAILED).any():
