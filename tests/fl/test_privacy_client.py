@@ -108,8 +108,11 @@ def test_adaptive_clip_moves_to_the_target_quantile_of_the_update_norms():
 def test_adaptive_clipping_splits_the_noise_as_andrew_et_al():
     assert update_noise_multiplier(1.0, None) == 1.0
     assert update_noise_multiplier(1.0, 1.0) == pytest.approx((1 - 0.25) ** -0.5)
-    with pytest.raises(ValueError, match=r"count_stddev 0.1 is too small for noise_multiplier 1: it needs count_stddev > 0.5"):
-        make_privacy(_cfg(adaptive_clip={"count_stddev": 0.1}), 10, 4)
+    assert update_noise_multiplier(2.0, 2.0) == pytest.approx(4 / math.sqrt(3))  # the default's 15% more noise
+    with pytest.raises(ValueError, match=r"count_stddev 0.4 is too small for noise_multiplier 1: it needs count_stddev > 0.5"):
+        make_privacy(_cfg(adaptive_clip={"count_stddev": 0.4}), 10, 4)
+    # The default (max(cohort / 20, z)) fits every z, also z = 2 with a cohort of 4.
+    assert make_privacy(_cfg(noise_multiplier=2.0, adaptive_clip={}), 10, 4).count_stddev == 2.0
 
 
 @pytest.mark.parametrize("accountant", ["rdp", "pld"])

@@ -54,7 +54,7 @@ def update_noise_multiplier(z: float, count_stddev: float | None) -> float:
     rest = z ** -2 - (2 * count_stddev) ** -2
     if rest <= 0:
         raise ValueError(f"privacy.adaptive_clip.count_stddev {count_stddev:g} is too small for noise_multiplier "
-                         f"{z:g}: it needs count_stddev > {1 / (2 * z):g} (1 / (2 z))")
+                         f"{z:g}: it needs count_stddev > {z / 2:g} (z / 2)")
     return rest ** -0.5
 
 
@@ -69,9 +69,10 @@ def _private(glob: np.ndarray, weights: np.ndarray, scale: float, noise: np.ndar
 
 
 def default_count_stddev(per_round: int, z: float) -> float:
-    """Andrew et al.'s cohort / 20, but at least 1 / z: with a cross-silo cohort of a few sites
-    cohort / 20 is below the 1 / (2 z) the noise split needs; 1 / z costs the update 15% more noise."""
-    return max(per_round / 20, 1 / z) if z > 0 else per_round / 20
+    """Andrew et al.'s cohort / 20, but at least z: with a cross-silo cohort of a few sites
+    cohort / 20 is below the z / 2 the noise split needs; z costs the update 15% more noise
+    (its multiplier 2 z / sqrt(3))."""
+    return max(per_round / 20, z)
 
 
 class ClientLevelDP(NoPrivacy):
