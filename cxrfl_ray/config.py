@@ -176,6 +176,15 @@ class FLConfig(Section):
     max_failed_rounds: Count = Field(
         1, ge=1, description="the run fails after this many consecutive rounds below fl.min_replies, "
         "quoting the first client error")
+    deadline_s: Number | None = Field(None, gt=0, description="simulated seconds a round waits; later replies "
+                                                              "are stragglers (docs/SYSTEM.md)")
+    overselect: Number = Field(1.0, ge=1, description="select ceil(overselect x cohort) available clients and "
+                                                      "aggregate the cohort's worth that finish first")
+    straggler: Literal["drop", "partial"] = Field(
+        "drop", description="drop: a late reply is not aggregated; partial: a slow client does the local steps "
+                            "that fit the deadline (needs fl.deadline_s)")
+    compression: Literal["none", "fp16", "int8"] = Field(
+        "none", description="how an update travels: as it is, half precision, or int8 with a scale per tensor")
 
 
 class FaultsConfig(Section):
@@ -198,7 +207,7 @@ class AdaptiveClipConfig(Section):
     clip_lr: Number = Field(0.2, gt=0, description="geometric step of the clip norm per round")
     count_stddev: Number | None = Field(
         None, gt=0, description="std of the noise on the unclipped count (default: cohort / 20 as Andrew et al., "
-                                  "at least 1 / noise_multiplier)")
+                                  "at least noise_multiplier)")
 
 
 class PrivacyConfig(Section):
@@ -231,6 +240,43 @@ class PrivacyConfig(Section):
         return self
 
 
+class SpeedConfig(Section):
+    """Each client's compute time factor against the reference client (5: five times slower),
+    drawn from the config's seed."""
+
+    distribution: Literal["constant", "lognormal", "two_speed"] = Field(
+        "constant", description="constant 1; lognormal with median 1; two_speed: a share of slow clients")
+    sigma: Number = Field(0.5, gt=0, description="lognormal: the spread of log(factor)")
+    slow_share: Number = Field(0.25, ge=0, le=1, description="two_speed: share of slow clients")
+    slow_factor: Number = Field(5.0, ge=1, description="two_speed: their time factor")
+
+
+class AvailabilityConfig(Section):
+    """When each client is online: always; a seeded cycle (online ``online_share`` of every
+    ``period_s``, each client at its own phase); or a trace of online intervals."""
+
+    online_share: Number = Field(1.0, gt=0, le=1, description="share of each period a client is online")
+    period_s: Number = Field(86400.0, gt=0, description="the cycle's length in simulated seconds")
+    trace: str | None = Field(None, description="CSV client,start_s,end_s of online intervals (FedScale-like); "
+                                                "clients it does not list are always online")
+
+
+class SystemConfig(Section):
+    """The simulated system (docs/SYSTEM.md): client speeds, bandwidths and availability, and how a
+    client's round time is modelled. Only the simulated clock uses it; training is unchanged."""
+
+    speed: SpeedConfig = Field(default_factory=SpeedConfig)
+    up_mbps: Number = Field(20.0, gt=0, description="uplink of the median client (Mbit/s)")
+    down_mbps: Number = Field(100.0, gt=0, description="downlink of the median client (Mbit/s)")
+    bandwidth_sigma: Number = Field(0.0, ge=0, description="lognormal spread of both bandwidths (0: all equal)")
+    profile_trace: str | None = Field(None, description="CSV client,speed,up_mbps,down_mbps (replaces the draws)")
+    availability: AvailabilityConfig = Field(default_factory=AvailabilityConfig)
+    compute: Literal["model", "measured"] = Field(
+        "model", description="model: local steps x seconds_per_step x speed (independent of this machine); "
+                             "measured: the client's measured fit time x speed")
+    seconds_per_step: Number = Field(0.25, gt=0, description="model: the reference client's seconds per local step")
+
+
 class ExperimentConfig(Section):
     """An experiment: task, data, model, local training, seed and where results go."""
 
@@ -245,6 +291,7 @@ class ExperimentConfig(Section):
     fl: FLConfig = Field(default_factory=FLConfig)
     faults: FaultsConfig = Field(default_factory=FaultsConfig)
     privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
+    system: SystemConfig = Field(default_factory=SystemConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
     @property

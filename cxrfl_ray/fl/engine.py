@@ -34,6 +34,7 @@ from cxrfl_ray.config import ConfigError, ExperimentConfig, load_config
 from cxrfl_ray.experiment import prepare
 from cxrfl_ray.fl.state import STATE_FILE, check_resume, saved_round
 from cxrfl_ray.fl.rounds import ServerHooks
+from cxrfl_ray.fl.system.policy import cohort_nodes
 from cxrfl_ray.fl.strategies import make_strategy
 
 QUIET_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "RAY_DEDUP_LOGS": "1", "RAY_USAGE_STATS_ENABLED": "0",
@@ -299,8 +300,9 @@ def run_federated(cfg: ExperimentConfig | None = None, quiet: bool = False, verb
     outcome = Outcome()
     ensure_ray(cfg)
     server_app = make_server_app(prep, run_dir, outcome, quiet, resume=resume is not None, on_round=on_round)
-    # Any virtual node can play any plan client, so only a round's cohort of nodes is needed.
-    simulate(server_app, client_app, num_nodes=cfg.clients_per_round,
+    # Any virtual node can play any plan client, so only a round's cohort of nodes is needed
+    # (over-selection included).
+    simulate(server_app, client_app, num_nodes=cohort_nodes(cfg, len(prep.plan.clients)),
              client_resources={"num_cpus": cfg.fl.client_num_cpus, "num_gpus": cfg.fl.client_num_gpus})
     if isinstance(outcome.error, ValueError):  # ours (diverged, failed federation, bad input): the one error
         raise outcome.error

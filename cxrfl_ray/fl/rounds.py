@@ -23,6 +23,7 @@ from cxrfl_ray.fl.algorithms import Algorithm, algorithm_class, make_algorithm
 from cxrfl_ray.fl.client import _npy_view
 from cxrfl_ray.fl.client_state import AcceptedStates
 from cxrfl_ray.fl.privacy import NoPrivacy, make_privacy, privacy_class
+from cxrfl_ray.fl.system.policy import BUDGET_KEY, Counted, SimulatedClock, WallClock, message_bytes
 from cxrfl_ray.fl.strategies import CLIENT_KEY, reply_client
 from cxrfl_ray.tasks.training import DivergedError, check_finite, located, nonfinite_tensor, nonfinite_value
 
@@ -152,6 +153,7 @@ class Trained:
     failures: list[Failure]
     info: dict[str, float]  # train_loss of the aggregated round (absent for a failed round), epsilon (DP)
     privacy: dict[str, dict[str, float]]  # the accountant's rows after the round: {id: metrics}
+    counted: Counted  # what the round policy counted: stragglers, simulated finish times
 
 
 PRIVACY_PREFIX = "privacy/"  # the privacy mechanism's tensors among the round state's algorithm/ ones
@@ -165,29 +167,37 @@ class ServerHooks:
     algorithm: Algorithm
     policy: FailedRounds
     privacy: NoPrivacy
+    system: SimulatedClock  # whom to select, when each reply arrives, which replies count
     accepted: AcceptedStates | None = None
 
     @staticmethod
     def check(cfg, num_clients: int) -> None:
-        """Refuse a config the algorithm or the privacy mode cannot run (``ValueError`` naming the
-        field), before Ray starts."""
+        """Refuse a config the algorithm, the privacy mode or the round policy cannot run
+        (``ValueError`` naming the field), before Ray starts."""
         algorithm_class(cfg.fl.strategy.name).check(cfg)
         privacy_class(cfg.privacy.mode).check(cfg, num_clients, cfg.clients_per_round)
+        SimulatedClock.check(cfg, num_clients)
 
     @classmethod
-    def for_run(cls, cfg, num_clients: int, state_root) -> "ServerHooks":
+    def for_run(cls, cfg, num_clients: int, state_root, sites: bool = False) -> "ServerHooks":
+        """``sites``: a real federation (real arrival times; client state on the sites)."""
         algorithm = make_algorithm(cfg)
         accepted = AcceptedStates(num_clients, state_root) if algorithm.keeps_client_state else None
+        clock = (WallClock if sites else SimulatedClock)(cfg, num_clients, cfg.clients_per_round)
         return cls(algorithm, FailedRounds(cfg.fl.min_replies, cfg.fl.max_failed_rounds),
-                   make_privacy(cfg, num_clients, cfg.clients_per_round), accepted)
+                   make_privacy(cfg, num_clients, cfg.clients_per_round), clock, accepted)
 
     def aggregate(self, strategy, server_round: int, arrays: ArrayRecord, replies: list[Message]):
         """The algorithm's aggregation of the usable replies, through the privacy mechanism."""
         return self.privacy.aggregate(server_round, arrays, replies,
                                       lambda rs: self.algorithm.aggregate(strategy, server_round, arrays, rs))
 
+    def extra(self) -> dict:
+        """What the round state's metadata keeps for the hooks: the failed-round streak, the clock."""
+        return {**self.policy.state(), **self.system.state()}
+
     def state(self) -> dict[str, np.ndarray]:
-        """Tensors saved with the round state (``extra`` holds the policy's streak)."""
+        """Tensors saved with the round state (``extra()`` goes in its metadata)."""
         return {**self.algorithm.state(), **({"accepted_rounds": self.accepted.rounds} if self.accepted else {}),
                 **{f"{PRIVACY_PREFIX}{k}": v for k, v in self.privacy.state().items()}}
 
@@ -198,6 +208,7 @@ class ServerHooks:
 
     def restore(self, tensors: dict[str, np.ndarray], extra: dict) -> None:
         self.policy.restore(extra)
+        self.system.restore(extra)
         self.privacy.restore({k.removeprefix(PRIVACY_PREFIX): tensors.pop(k) for k in list(tensors)
                               if k.startswith(PRIVACY_PREFIX)})
         if self.accepted is not None:
@@ -207,25 +218,34 @@ class ServerHooks:
 
 def train_round(strategy, grid, server_round: int, arrays: ArrayRecord, config, timeout: float,
                 hooks: ServerHooks) -> Trained:
-    """Send the round's cohort the global weights (and the algorithm's records); aggregate the
-    usable updates in client-id order if the round did not fail, else keep ``arrays`` as they are."""
+    """Send the round's cohort (the round policy's choice) the global weights and the algorithm's
+    records; of the usable updates, aggregate in client-id order those the policy counts (in time,
+    the K earliest), if the round did not fail, else keep ``arrays`` as they are."""
     accepted = hooks.accepted
-    strategy.round_extras = (hooks.algorithm.message_records(server_round, arrays),
-                             accepted.message_config if accepted else None)
+    records = hooks.algorithm.message_records(server_round, arrays)
+    selection = hooks.system.select(server_round, message_bytes([arrays, *records.values()]))
+
+    def client_config(cid: int) -> dict:
+        budget = {BUDGET_KEY: selection.budgets[cid]} if cid in selection.budgets else {}
+        return {**(accepted.message_config(cid) if accepted else {}), **budget}
+
+    strategy.round_cohort = selection.clients
+    strategy.round_extras = (records, client_config)
     messages = list(strategy.configure_train(server_round, arrays, config, grid))
     good, failures = screen(messages, list(grid.send_and_receive(messages, timeout=timeout)), timeout)
-    info: dict[str, float] = {}
-    if hooks.policy.judge(server_round, len(messages), len(good), failures):
-        new_arrays, aggregated = hooks.aggregate(strategy, server_round, arrays, good)
+    counted = hooks.system.count(good, len(messages))
+    info: dict[str, float] = {"offline": float(selection.offline), **counted.info}
+    if hooks.policy.judge(server_round, len(messages), len(counted.kept), failures):
+        new_arrays, aggregated = hooks.aggregate(strategy, server_round, arrays, counted.kept)
         arrays = arrays if new_arrays is None else new_arrays
         if aggregated is not None:
             info["train_loss"] = float(aggregated["train_loss"])
         if accepted is not None:
-            accepted.accept(server_round, [reply_client(r) for r in good])
-    privacy = hooks.privacy.account(server_round, good)
+            accepted.accept(server_round, [reply_client(r) for r in counted.kept])
+    privacy = hooks.privacy.account(server_round, good)  # every update that reached the server, late ones too
     if privacy:
         info["epsilon"] = max(m["epsilon"] for m in privacy.values())
-    return Trained(arrays, len(messages), good, failures, info, privacy)
+    return Trained(arrays, len(messages), counted.kept, failures, info, privacy, counted)
 
 
 def evaluate_global(server_round: int, arrays: ArrayRecord, evaluate: Callable[[], dict], metric: str,

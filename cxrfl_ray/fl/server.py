@@ -119,7 +119,7 @@ def serve(grid: Grid, prep: Prepared, run_dir: Path, outcome: Outcome, *, quiet:
             else ("central", cfg.data.test_split)
         ckpt = dict(cfg=cfg, num_classes=prep.num_classes, label_names=prep.label_names)
         best, best_round = None, None
-        hooks = ServerHooks.for_run(cfg, num_clients, None if sites else run_dir / "clients")
+        hooks = ServerHooks.for_run(cfg, num_clients, None if sites else run_dir / "clients", sites=sites)
         evaluate_keys = functools.partial(evaluate_views, prep, model, device, loss_fn)
         evaluate_all = functools.partial(evaluate_keys, list(prep.views))
 
@@ -140,7 +140,7 @@ def serve(grid: Grid, prep: Prepared, run_dir: Path, outcome: Outcome, *, quiet:
             return results
 
         def save(server_round: int) -> None:
-            extra = {"best": best, "best_round": best_round, "failures_total": failures_total, **hooks.policy.state()}
+            extra = {"best": best, "best_round": best_round, "failures_total": failures_total, **hooks.extra()}
             save_state(run_dir, server_round, arrays, strategy, extra, cfg, hooks.state())
             hooks.saved()
 
@@ -190,20 +190,27 @@ def serve(grid: Grid, prep: Prepared, run_dir: Path, outcome: Outcome, *, quiet:
         bar.close()
 
         series = sink.series(*select_view, main_metric)
+        hours = dict(sink.series("round", "server", "sim_time_s"))
+        reached = rounds_to_thresholds(series, cfg.fl.thresholds, main_metric, task.mode)
         outcome.summary = {
             "task": cfg.task, "model": cfg.model.name, "strategy": cfg.fl.strategy.name,
             "clients": num_clients, "clients_per_round": cfg.clients_per_round,
             "rounds": cfg.fl.rounds, "main_metric": main_metric, "selected_by": "%s:%s" % select_view,
             "best_value": best, "best_round": best_round,
             "final": {f"{s}:{i}": m for (s, i), m in results.items()},
-            "rounds_to_threshold": rounds_to_thresholds(series, cfg.fl.thresholds, main_metric, task.mode),
+            "rounds_to_threshold": reached,
+            "sim_hours_to_threshold": {k: None if r is None else hours.get(r, 0.0) / 3600 for k, r in reached.items()},
+            "sim_hours": hooks.system.now_s / 3600, "bytes": {"down": hooks.system.bytes_down, "up": hooks.system.bytes_up},
             "client_failures": failures_total, "privacy": hooks.privacy.summary(),
             "wall_time_s": round(time.time() - start, 2),
         }
         write_json(run_dir / "summary.json", outcome.summary)
-        plot_series(run_dir / f"{main_metric}.png",
-                    {f"{s}:{i}": sink.series(s, i, main_metric) for (s, i) in prep.views if s in ("central", "holdout")},
-                    ylabel=main_metric, xlabel="round", title=f"{cfg.name}: {cfg.fl.strategy.name}")
+        curves = {f"{s}:{i}": sink.series(s, i, main_metric) for (s, i) in prep.views if s in ("central", "holdout")}
+        plot_series(run_dir / f"{main_metric}.png", curves, ylabel=main_metric, xlabel="round",
+                    title=f"{cfg.name}: {cfg.fl.strategy.name}")
+        plot_series(run_dir / f"{main_metric}_sim_hours.png",
+                    {k: [(hours.get(r, 0.0) / 3600, v) for r, v in c] for k, c in curves.items()},
+                    ylabel=main_metric, xlabel="simulated hours", title=f"{cfg.name}: {cfg.fl.strategy.name}")
 
     tracker = WandbRun(cfg.tracking.wandb, run_dir, cfg.model_dump(mode="json"), name=run_dir.name,
                        group=cfg.tracking.group, project=cfg.tracking.project)

@@ -75,7 +75,8 @@ class Seeded:
         return _Nodes(grid, chosen)
 
     def configure_train(self, server_round: int, arrays, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
-        clients = select_clients(self.num_clients, self.per_round, self.seed, server_round)
+        clients = self.round_cohort if self.round_cohort is not None else \
+            select_clients(self.num_clients, self.per_round, self.seed, server_round)
         self.last_selection = clients
         return super().configure_train(server_round, arrays, config, self._route(grid, clients))
 
@@ -181,4 +182,5 @@ def make_strategy(name: str, options: dict[str, Any], *, num_clients: int, per_r
     strategy.num_clients, strategy.per_round, strategy.seed, strategy.sites = num_clients, per_round, seed, sites
     strategy.last_selection = []
     strategy.round_extras = ({}, None)  # (records for every training message, client id -> its config)
+    strategy.round_cohort = None  # the round policy's cohort (None: select_clients)
     return strategy

@@ -1,0 +1,171 @@
+"""The round policy and its virtual clock: a hand-computed 3-client round (deadline, over-
+selection), offline clients never selected, partial work's step budgets; then the engine: the
+same config and trace give the same stragglers, simulated times and metrics, and resume
+continues the simulated clock exactly."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from flwr.app import Array, ArrayRecord
+
+from cxrfl_ray.config import build_config
+from cxrfl_ray.fl.system.policy import SimulatedClock, message_bytes
+from tests.fl.messages import stopped_after_round_1, train_reply
+
+MB = 1_000_000
+
+
+def _cfg(tmp_path, speeds=(1.0, 2.0, 8.0), **fl):
+    trace = tmp_path / "profiles.csv"
+    trace.write_text("client,speed,up_mbps,down_mbps\n" + "".join(f"{c},{s},8,8\n" for c, s in enumerate(speeds)))
+    return build_config({"model": {"name": "tiny-conv"}, "partition": {"clients": len(speeds)},
+                         "train": {"steps": 4, "batch_size": 8},
+                         "fl": {"clients_per_round": 3, **fl},
+                         "system": {"profile_trace": str(trace), "seconds_per_step": 0.5}})
+
+
+def _reply(cid: int, steps: int = 4):
+    # 1 MB of weights (minus the npy header, so the message is exactly 1 MB): 1 s on an 8 Mbit/s link
+    record = ArrayRecord({"w": Array(np.zeros(MB // 4, np.float32))})
+    header = message_bytes([record]) - MB
+    record = ArrayRecord({"w": Array(np.zeros((MB - header) // 4, np.float32))})
+    assert message_bytes([record]) == MB - (MB - header) % 4
+    return train_reply(cid, {"arrays": record}, **{"num-examples": 10, "steps": steps, "train_loss": 0.5,
+                                                   "fit_seconds": 99.0})
+
+
+def _round(clock: SimulatedClock, server_round: int = 1):
+    selection = clock.select(server_round, MB)
+    return selection, clock.count([_reply(c, selection.budgets.get(c, 4)) for c in selection.clients],
+                                  len(selection.clients))
+
+
+def test_a_hand_computed_round_of_three_clients(tmp_path):
+    # Each client: 1 s down + 4 steps x 0.5 s x its speed + ~1 s up = 4, 6 and 18 s.
+    clock = SimulatedClock(_cfg(tmp_path), 3, 3)
+    selection, counted = _round(clock)
+    assert selection.clients == [0, 1, 2] and selection.offline == 0
+    assert [round(counted.finish_s[c], 4) for c in (0, 1, 2)] == [4.0, 6.0, 18.0]
+    assert counted.round_s == pytest.approx(18.0, abs=1e-4) and counted.stragglers == []
+    assert clock.now_s == pytest.approx(18.0, abs=1e-4)
+    assert counted.info["bytes_down"] == 3 * MB
+
+    # A 10 s deadline drops client 2; the server waited until the deadline.
+    clock = SimulatedClock(_cfg(tmp_path, deadline_s=10.0), 3, 3)
+    _, counted = _round(clock)
+    assert [int(r.content["metrics"]["cid"]) for r in counted.kept] == [0, 1]
+    assert counted.stragglers == [2] and counted.round_s == 10.0
+    _, counted = _round(clock, 2)
+    assert clock.now_s == pytest.approx(20.0)  # the clock accumulates
+
+    # Over-selection: 3 selected for a cohort of 2 (1.5 x 2); the 2 that finish first count, and
+    # the server stops waiting at the second arrival.
+    cfg = _cfg(tmp_path, clients_per_round=2, overselect=1.5)
+    clock = SimulatedClock(cfg, 3, 2)
+    selection, counted = _round(clock)
+    assert clock.nodes == 3 and selection.clients == [0, 1, 2]
+    assert [int(r.content["metrics"]["cid"]) for r in counted.kept] == [0, 1] and counted.stragglers == [2]
+    assert counted.round_s == pytest.approx(6.0, abs=1e-4)
+
+
+def test_over_selection_aggregates_exactly_the_k_earliest_whatever_their_ids(tmp_path):
+    speeds = np.random.default_rng(3).uniform(1, 9, 12)
+    cfg = _cfg(tmp_path, speeds=tuple(speeds), clients_per_round=4, overselect=2.0)
+    clock = SimulatedClock(cfg, 12, 4)
+    for r in range(1, 6):
+        selection, counted = _round(clock, r)
+        assert len(selection.clients) == 8
+        earliest = sorted(selection.clients, key=lambda c: speeds[c])[:4]
+        assert sorted(int(x.content["metrics"]["cid"]) for x in counted.kept) == sorted(earliest)
+        assert counted.round_s == pytest.approx(max(counted.finish_s[c] for c in earliest))
+
+
+def test_offline_clients_are_never_selected(tmp_path):
+    trace = tmp_path / "online.csv"
+    # client 1 online only from 100 s; client 3 never listed (always online)
+    trace.write_text("client,start_s,end_s\n0,0,1000\n1,100,1000\n2,0,50\n2,60,1000\n")
+    cfg = build_config({"model": {"name": "tiny-conv"}, "partition": {"clients": 4},
+                        "train": {"steps": 4, "batch_size": 8}, "fl": {"clients_per_round": 3},
+                        "system": {"availability": {"trace": str(trace)}, "seconds_per_step": 10.0}})
+    clock = SimulatedClock(cfg, 4, 3)
+    seen = []
+    for r in range(1, 8):
+        start = clock.now_s
+        selection, _ = _round(clock, r)
+        online = {c for c, (a, b) in {0: (0, 1000), 1: (100, 1000), 3: (0, 1e9)}.items() if a <= start < b} | \
+            ({2} if start < 50 or 60 <= start < 1000 else set())
+        assert set(selection.clients) <= online, (start, selection.clients)
+        assert selection.offline == 4 - len(online)
+        seen.append((start, selection.clients))
+    assert any(1 in c for s, c in seen if s >= 100) and all(1 not in c for s, c in seen if s < 100)
+
+
+def test_partial_work_gives_each_client_the_steps_that_fit_the_deadline(tmp_path):
+    # 12 s deadline, 2 s of transfer: 10 s of compute: 0.5 s x speed per step.
+    clock = SimulatedClock(_cfg(tmp_path, speeds=(1.0, 2.0, 8.0, 30.0), deadline_s=12.0, straggler="partial"), 4, 3)
+    selection = clock.select(1, MB)
+    budgets = {c: selection.budgets.get(c) for c in (0, 1, 2, 3)}
+    chosen = set(selection.clients) | set(clock._late)
+    expected = {0: 4, 1: 4, 2: 2, 3: 0}  # 20, 10, 2.5 and 0.67 steps fit; at most the 4 planned
+    for c in chosen:
+        assert (budgets[c] or 0) == expected[c]
+    assert all(c not in selection.clients for c in chosen if expected[c] == 0)  # nothing fits: not sent
+
+
+def test_a_bad_policy_is_refused_before_ray(tmp_path):
+    from cxrfl_ray.fl.rounds import ServerHooks
+
+    with pytest.raises(ValueError, match="fl.straggler partial gives slow clients .*: set fl.deadline_s"):
+        ServerHooks.check(_cfg(tmp_path, straggler="partial"), 3)
+    bad = tmp_path / "bad.csv"
+    bad.write_text("client,speed,up_mbps,down_mbps\n0,1,8,8\n1,-2,8,8\n2,1,8,8\n")
+    cfg = _cfg(tmp_path)
+    cfg.system.profile_trace = str(bad)
+    with pytest.raises(ValueError, match=r"system.profile_trace .*bad.csv: row 3, speed '-2' is not a finite number > 0"):
+        ServerHooks.check(cfg, 3)
+
+
+# -- on the engine ------------------------------------------------------------------------------
+
+def run_config(dataset, tmp_path, name, **fl):
+    return build_config({
+        "name": name, "out_dir": str(tmp_path), "seed": 0, "task": "classification",
+        "data": {"path": str(dataset), "size": 32}, "model": {"name": "tiny-conv"}, "partition": {"clients": 6},
+        "train": {"optimizer": "sgd", "momentum": 0.0, "lr": 0.05, "steps": 4, "batch_size": 8},
+        "fl": {"rounds": 3, "clients_per_round": 2, "round_timeout": 120, "overselect": 1.5, "deadline_s": 2.0, **fl},
+        "system": {"speed": {"distribution": "two_speed", "slow_share": 0.5, "slow_factor": 5},
+                   "bandwidth_sigma": 0.3},
+        "tracking": {"wandb": "disabled"}})
+
+
+def _rows(run):
+    return [(r["round"], r["scope"], r["id"], r["metric"], r["value"]) for r in pq.read_table(run / "metrics.parquet").to_pylist()
+            if not r["metric"].endswith("_seconds")]
+
+
+@pytest.mark.timeout(600)
+def test_stragglers_and_simulated_time_are_seeded_and_resume_exactly(phantoms, tmp_path, ray_session):
+    from cxrfl_ray.fl.engine import run_federated
+
+    data = phantoms(n=60, size=32)
+    cfg = run_config(data, tmp_path, "clock")
+    first, second = run_federated(cfg, quiet=True), run_federated(cfg, quiet=True)
+    assert _rows(first) == _rows(second)
+    rounds = {(r, m): v for r, s, i, m, v in _rows(first) if s == "round"}
+    assert [rounds[(r, "selected")] for r in (1, 2, 3)] == [3, 3, 3]
+    assert sum(rounds[(r, "stragglers")] for r in (1, 2, 3)) > 0  # slow clients missed the deadline
+    assert rounds[(3, "sim_time_s")] == pytest.approx(sum(rounds[(r, "sim_round_s")] for r in (1, 2, 3)))
+    assert all(rounds[(r, "sim_round_s")] <= 2.0 for r in (1, 2, 3))
+    summary = json.loads((first / "summary.json").read_text())
+    assert summary["sim_hours"] == pytest.approx(rounds[(3, "sim_time_s")] / 3600)
+    assert summary["bytes"]["down"] == sum(rounds[(r, "bytes_down")] for r in (1, 2, 3)) > 0
+    assert (first / "accuracy_sim_hours.png").is_file()
+
+    stopped = stopped_after_round_1(cfg, tmp_path / "stopped")
+    run_federated(resume=stopped, quiet=True)
+    assert _rows(stopped) == _rows(first)
+    assert json.loads((stopped / "summary.json").read_text())["sim_hours"] == summary["sim_hours"]
