@@ -24,6 +24,9 @@ from cxrfl_ray.plots import plot_heatmap, plot_series
 NOT_REACHED = "not reached"
 
 
+SIM_TIME = "round/sim_time_s"  # a trial's simulated time after each round, as it reports it
+
+
 def rounds_to_reach(rounds: list[int], values: list[float], threshold: float, mode: str) -> int | None:
     """First round whose value reaches the threshold (>= for max, <= for min); None if none does."""
     for rnd, value in sorted(zip(rounds, values)):
@@ -48,8 +51,11 @@ def trial_outcomes(trials: pd.DataFrame, metric: str, mode: str, threshold: floa
             row.update({"rounds": int(series["round"].max()), "final": float(series[metric].iloc[-1]),
                         "best": float(series.loc[best_at, metric]), "best_round": int(series.loc[best_at, "round"])})
             if threshold is not None:
-                row["rounds_to_threshold"] = rounds_to_reach(series["round"].tolist(), series[metric].tolist(),
-                                                             threshold, mode)
+                reached = rounds_to_reach(series["round"].tolist(), series[metric].tolist(), threshold, mode)
+                row["rounds_to_threshold"] = reached
+                if SIM_TIME in group:  # the virtual clock (fl/system): simulated hours to the same round
+                    clock = dict(zip(group["round"], group[SIM_TIME].fillna(0.0)))
+                    row["hours_to_threshold"] = None if reached is None else clock.get(reached, 0.0) / 3600
         if loss and loss in group and group[loss].notna().any():
             row["min_loss"] = float(group[loss].min())
         rows.append(row)
@@ -63,12 +69,14 @@ def _mean_spread(values: pd.Series) -> str:
     return f"{values.mean():.4f}" if len(values) == 1 else f"{values.mean():.4f} ± {values.std(ddof=1):.4f}"
 
 
-def _rounds_cell(values: pd.Series) -> str:
-    """Mean ± spread of the rounds needed by the seeds that reached it; how many did, if not all."""
+def _rounds_cell(values: pd.Series, digits: int = 1) -> str:
+    """Mean ± spread of the rounds (or simulated hours) needed by the seeds that reached it; how
+    many did, if not all."""
     reached = values.dropna().astype(float)
     if reached.empty:
         return NOT_REACHED
-    text = f"{reached.mean():.1f}" if len(reached) == 1 else f"{reached.mean():.1f} ± {reached.std(ddof=1):.1f}"
+    text = f"{reached.mean():.{digits}f}" if len(reached) == 1 else \
+        f"{reached.mean():.{digits}f} ± {reached.std(ddof=1):.{digits}f}"
     return text if len(reached) == len(values) else f"{text} ({len(reached)}/{len(values)} seeds)"
 
 
@@ -94,8 +102,10 @@ def config_table(outcomes: pd.DataFrame, swept: list[str]) -> pd.DataFrame:
         for col in ("final", "best", "min_loss"):
             if col in group:
                 row[col] = _mean_spread(group[col])
-        if "rounds_to_threshold" in group:
-            row["rounds_to_threshold"] = _rounds_cell(group["rounds_to_threshold"]) if len(group) else "failed"
+        for col in ("rounds_to_threshold", "hours_to_threshold"):
+            if col in group:
+                row[col] = _rounds_cell(group[col], digits=1 if col.startswith("rounds") else 3) if len(group) \
+                    else "failed"
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -141,6 +151,8 @@ def report_sweep(sweep_dir: Path, threshold: float | None = None) -> Path:
              f"{len(configs)} configurations; metric `{metric}` ({mode}).", ""]
     if threshold is not None and len(swept) == 2 and "rounds_to_threshold" in configs:
         lines += _rounds_grid(configs, swept, metric, mode, threshold)
+        if "hours_to_threshold" in configs:
+            lines += _rounds_grid(configs, swept, metric, mode, threshold, "hours_to_threshold")
     lines += [f"## Per configuration (best and final {metric}, lowest `{loss}`)", "",
               _markdown(configs.rename(columns=_label)), ""]
     if "error" in trials and trials["error"].notna().any():
@@ -159,12 +171,14 @@ def report_sweep(sweep_dir: Path, threshold: float | None = None) -> Path:
     return out / "report.md"
 
 
-def _rounds_grid(configs: pd.DataFrame, swept: list[str], metric: str, mode: str, threshold: float) -> list[str]:
-    """The paper's table: rounds to the threshold, first swept parameter by the second."""
+def _rounds_grid(configs: pd.DataFrame, swept: list[str], metric: str, mode: str, threshold: float,
+                 column: str = "rounds_to_threshold") -> list[str]:
+    """The paper's table: rounds (or simulated hours) to the threshold, first swept parameter by the second."""
     rows_p, cols_p = swept
-    grid = configs.pivot(index=rows_p, columns=cols_p, values="rounds_to_threshold")
+    grid = configs.pivot(index=rows_p, columns=cols_p, values=column)
     grid = grid.reset_index().rename(columns=lambda c: f"{_label(cols_p)}={c}" if c != rows_p else _label(rows_p))
-    return [f"## Rounds to reach {metric} {'≥' if mode == 'max' else '≤'} {threshold}", "",
+    what = "Rounds" if column == "rounds_to_threshold" else "Simulated hours"
+    return [f"## {what} to reach {metric} {'≥' if mode == 'max' else '≤'} {threshold}", "",
             f"Rows: {_label(rows_p)}; columns: {_label(cols_p)}; mean ± spread over seeds.", "",
             _markdown(grid.fillna("")), ""]
 
@@ -197,7 +211,18 @@ def _curves(out: Path, trials: pd.DataFrame, swept: list[str], metric: str, name
         mean = group.groupby("round")[metric].mean()
         curves[label] = list(zip(mean.index.astype(int), mean.to_numpy()))
     plot_series(out / "curves.png", curves, ylabel=metric, xlabel="round", title=f"{name}: mean over seeds")
-    return ["## By round", "", "![metric by round](curves.png)", ""]
+    lines = ["## By round", "", "![metric by round](curves.png)", ""]
+    if SIM_TIME in reported and reported[SIM_TIME].notna().any():  # the same curves on the simulated clock
+        hours = {}
+        for values, group in (reported.groupby(swept, sort=True) if swept else [(("all",), reported)]):
+            values = values if isinstance(values, tuple) else (values,)
+            label = ", ".join(f"{_label(p)}={v}" for p, v in zip(swept, values)) or "all"
+            mean = group.assign(_h=group[SIM_TIME].fillna(0.0) / 3600).groupby("round")[[metric, "_h"]].mean()
+            hours[label] = list(zip(mean["_h"].to_numpy(), mean[metric].to_numpy()))
+        plot_series(out / "curves_sim_hours.png", hours, ylabel=metric, xlabel="simulated hours",
+                    title=f"{name}: mean over seeds")
+        lines += ["## By simulated hours", "", "![metric by simulated hours](curves_sim_hours.png)", ""]
+    return lines
 
 
 def report_run(run_dir: Path) -> Path:

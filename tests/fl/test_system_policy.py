@@ -169,3 +169,20 @@ def test_stragglers_and_simulated_time_are_seeded_and_resume_exactly(phantoms, t
     run_federated(resume=stopped, quiet=True)
     assert _rows(stopped) == _rows(first)
     assert json.loads((stopped / "summary.json").read_text())["sim_hours"] == summary["sim_hours"]
+
+
+def test_the_report_gives_simulated_hours_to_the_threshold_beside_rounds():
+    import pandas as pd
+
+    from cxrfl_ray.report import config_table, trial_outcomes
+
+    trials = pd.DataFrame({
+        "trial": ["a"] * 3 + ["b"] * 3 + ["c"] * 3, "status": "TERMINATED",
+        "param:fl.deadline_s": [1.0] * 3 + [2.0] * 3 + [2.0] * 3, "round": [1, 2, 3] * 3,
+        "central/val/jaccard": [0.5, 0.9, 0.95, 0.5, 0.6, 0.95, 0.2, 0.3, 0.4],
+        "round/sim_time_s": [3600, 7200, 10800, 1800, 3600, 5400, 100, 200, 300]})
+    out = trial_outcomes(trials, "central/val/jaccard", "max", 0.9, None).set_index("trial")
+    assert out["rounds_to_threshold"].fillna(-1).to_dict() == {"a": 2, "b": 3, "c": -1}  # c never reached it
+    assert out["hours_to_threshold"].fillna(-1).to_dict() == {"a": 2.0, "b": 1.5, "c": -1}
+    cells = config_table(out.reset_index(), ["param:fl.deadline_s"]).set_index("param:fl.deadline_s")
+    assert cells.loc[1.0, "hours_to_threshold"] == "2.000" and cells.loc[2.0, "hours_to_threshold"] == "1.500 (1/2 seeds)"
