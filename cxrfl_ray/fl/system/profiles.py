@@ -4,13 +4,14 @@ Drawn from the config's seed (``system:``), or read from trace files, as flat nu
 million clients cost one vectorised draw, not a million objects. Traces:
 - ``system.profile_trace``: CSV ``client,speed,up_mbps,down_mbps``, one row per plan client;
 - ``system.availability.trace``: CSV ``client,start_s,end_s`` of online intervals (FedScale's
-  client behaviour traces in CSV form); a client it does not list is always online.
-A bad trace is refused with the file, the row and the column named.
+  client behaviour traces in CSV form); a client it does not list follows the cycle (always online
+  by default).
+A bad trace is refused with the file, the row (its line number, header = line 1) and the column named.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +35,9 @@ class Availability:
     indptr: np.ndarray | None = None  # [N + 1]
     start: np.ndarray | None = None
     end: np.ndarray | None = None
+    _times: np.ndarray | None = field(default=None, init=False, repr=False, compare=False)
+    _keys: np.ndarray | None = field(default=None, init=False, repr=False, compare=False)
+    _keyed: np.ndarray | None = field(default=None, init=False, repr=False, compare=False)
 
     def online(self, t: float, clients: np.ndarray | None = None) -> np.ndarray:
         """Boolean mask: which of ``clients`` (default all) are online at simulated time ``t``."""
@@ -42,13 +46,24 @@ class Availability:
         if self.traced is None:
             return up
         up = up.copy()
-        for k in np.flatnonzero(self.traced[ids]):
-            c = ids[k]
-            lo, hi = self.indptr[c], self.indptr[c + 1]
-            i = np.searchsorted(self.start[lo:hi], t, side="right") - 1  # the last interval started by t
-            up[k] = i >= 0 and t < self.end[lo + i]
+        k = np.flatnonzero(self.traced[ids])
+        c = ids[k]
+        times, keys = self._interval_keys()
+        # each traced client's last interval started by t: the last key <= (client, rank of t)
+        i = np.searchsorted(keys, c * (times.size + 1) + np.searchsorted(times, t, side="right"), side="right") - 1
+        up[k] = (i >= self.indptr[c]) & (t < self.end[np.maximum(i, 0)])
         return up
 
+    def _interval_keys(self) -> tuple[np.ndarray, np.ndarray]:
+        """The distinct start times, and one int64 key per interval, client x (distinct starts + 1)
+        + the rank of its start + 1: increasing (intervals are sorted by client, then start), so one
+        ``searchsorted`` over all intervals finds every client's last interval started by t,
+        exactly (integer ranks, no float offsets). Built once, on first use."""
+        if self._keys is None or self._keyed is not self.start:
+            times, rank = np.unique(self.start, return_inverse=True)
+            owner = np.repeat(np.arange(self.indptr.size - 1, dtype=np.int64), np.diff(self.indptr))
+            self._times, self._keys, self._keyed = times, owner * (times.size + 1) + rank + 1, self.start
+        return self._times, self._keys
 
     def next_online(self, t: float) -> float:
         """The first time after ``t`` at which some client comes online (inf: none ever does): a
@@ -105,27 +120,43 @@ def draw_profiles(system: SystemConfig, num_clients: int, seed: int) -> Profiles
 
 
 def _read_csv(path: str | Path, columns: tuple[str, ...], what: str):
+    """``path``, the columns as arrays (``client`` int64, the others float64) and each row's line
+    in the file (the header is line 1; blank lines are skipped but counted), so an error names the
+    row a text editor shows."""
+    import re
+
     import pandas as pd
 
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{what} {path}: no such file")
-    try:
-        frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+    try:  # header=None: the header line fixes the field count, so a longer row is the parser's error
+        # (pandas would otherwise take a first column as the index); blank lines kept: positions are lines
+        frame = pd.read_csv(path, header=None, dtype=str, keep_default_na=False, skip_blank_lines=False,
+                            encoding="utf-8-sig")
+    except pd.errors.EmptyDataError:
+        raise ConfigError(f"{what} {path}: empty file (expected the header {','.join(columns)})") from None
     except Exception as exc:  # pandas' parser errors name the line
+        fields = re.search(r"Expected (\d+) fields in line (\d+), saw (\d+)", str(exc))
+        if fields:
+            raise ConfigError(f"{what} {path}: row {fields[2]} has {fields[3]} fields, expected {fields[1]} "
+                              f"({','.join(columns)})") from None
         raise ConfigError(f"{what} {path}: not a CSV file ({exc})") from None
-    names = [c.strip() for c in frame.columns]
+    frame = frame.apply(lambda column: column.str.strip())
+    names = frame.iloc[0].tolist()
     if names != list(columns):
         raise ConfigError(f"{what} {path}: columns {names}, expected exactly {','.join(columns)}")
-    frame.columns = names
+    frame = frame.iloc[1:]
+    frame = frame[(frame != "").any(axis=1)]  # blank lines
+    lines = frame.index.to_numpy() + 1
     out = {}
-    for col in columns:
-        values = frame[col].str.strip()
+    for i, col in enumerate(columns):
+        values = frame[i]
         if col == "client":
             ok = values.str.fullmatch(r"\d+")
             if not ok.all():
                 row = int(np.flatnonzero(~ok.to_numpy())[0])
-                raise ConfigError(f"{what} {path}: row {row + 2}, client {values.iloc[row]!r} is not a client id "
+                raise ConfigError(f"{what} {path}: row {lines[row]}, client {values.iloc[row]!r} is not a client id "
                                   f"(a whole number >= 0)")
             out[col] = values.astype(np.int64).to_numpy()
             continue
@@ -134,29 +165,30 @@ def _read_csv(path: str | Path, columns: tuple[str, ...], what: str):
         if bad.any():
             row = int(np.flatnonzero(bad)[0])
             need = "a finite number >= 0" if col == "start_s" else "a finite number > 0"
-            raise ConfigError(f"{what} {path}: row {row + 2}, {col} {values.iloc[row]!r} is not {need}")
+            raise ConfigError(f"{what} {path}: row {lines[row]}, {col} {values.iloc[row]!r} is not {need}")
         out[col] = numbers
-    return path, out
+    return path, out, lines
 
 
-def _known_clients(path: Path, clients: np.ndarray, num_clients: int, what: str) -> None:
+def _known_clients(path: Path, clients: np.ndarray, lines: np.ndarray, num_clients: int, what: str) -> None:
     unknown = clients >= num_clients
     if unknown.any():
         row = int(np.flatnonzero(unknown)[0])
-        raise ConfigError(f"{what} {path}: row {row + 2}, client {int(clients[row])} is not a plan client "
+        raise ConfigError(f"{what} {path}: row {lines[row]}, client {int(clients[row])} is not a plan client "
                           f"(0..{num_clients - 1}); {int(unknown.sum())} row(s) name unknown clients")
 
 
 def read_profile_trace(path: str | Path, num_clients: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``speed, up_mbps, down_mbps`` per client from a profile trace listing every client once."""
     what = "system.profile_trace"
-    path, t = _read_csv(path, PROFILE_COLUMNS, what)
+    path, t, lines = _read_csv(path, PROFILE_COLUMNS, what)
     clients = t["client"]
-    _known_clients(path, clients, num_clients, what)
+    _known_clients(path, clients, lines, num_clients, what)
     counts = np.bincount(clients, minlength=num_clients)
     if (counts > 1).any():
         c = int(np.flatnonzero(counts > 1)[0])
-        raise ConfigError(f"{what} {path}: client {c} is listed {int(counts[c])} times (once each)")
+        first, second = lines[np.flatnonzero(clients == c)[:2]]
+        raise ConfigError(f"{what} {path}: rows {first} and {second} both list client {c} (one row per client)")
     if (counts == 0).any():
         missing = np.flatnonzero(counts == 0)
         raise ConfigError(f"{what} {path}: {missing.size} plan client(s) have no row, e.g. "
@@ -169,16 +201,16 @@ def read_availability_trace(path: str | Path, num_clients: int):
     """``traced, indptr, start, end``: each listed client's online intervals, sorted; overlapping
     intervals of one client are an error (they say the trace was merged wrongly)."""
     what = "system.availability.trace"
-    path, t = _read_csv(path, AVAILABILITY_COLUMNS, what)
+    path, t, lines = _read_csv(path, AVAILABILITY_COLUMNS, what)
     clients, start, end = t["client"], t["start_s"], t["end_s"]
-    _known_clients(path, clients, num_clients, what)
+    _known_clients(path, clients, lines, num_clients, what)
     empty = end <= start
     if empty.any():
         row = int(np.flatnonzero(empty)[0])
-        raise ConfigError(f"{what} {path}: row {row + 2}, client {int(clients[row])}: end_s {end[row]:g} is not after "
-                          f"start_s {start[row]:g}")
+        raise ConfigError(f"{what} {path}: row {lines[row]}, client {int(clients[row])}: end_s {end[row]:g} is not "
+                          f"after start_s {start[row]:g}")
     order = np.lexsort((start, clients))
-    clients, start, end, rows = clients[order], start[order], end[order], order + 2
+    clients, start, end, rows = clients[order], start[order], end[order], lines[order]
     same = clients[1:] == clients[:-1]
     overlap = same & (start[1:] < end[:-1])
     if overlap.any():
