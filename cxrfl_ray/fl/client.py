@@ -201,7 +201,7 @@ def _begin_work(rt: Runtime, msg: Message, context: Context, cid: int, server_ro
     """The algorithm's local work for this client's round, begun (the model holds the global weights)."""
     config = msg.content["config"]
     ctx = ClientRound(cid, server_round, rt.model, rt.cfg, msg.content, _state_store(rt, context, config, cid),
-                      int(config.get(STATE_ROUND_KEY, 0)))
+                      int(config.get(STATE_ROUND_KEY, 0)), len(rt.client_images(cid)))
     work = privacy_class(rt.cfg.privacy.mode).local_work(rt.cfg, rt.algorithm.local(ctx), ctx)
     work.begin()
     return work

@@ -134,11 +134,16 @@ def batches(loader, epochs: int, steps: int | None = None, first_epoch: int = 0)
 
 class LocalHooks:
     """What a federated algorithm may add to local training (no-ops here): a term of the loss,
-    and a change to the gradients before each optimiser step. Tasks know nothing of Flower; the
-    algorithms (``fl/algorithms``) subclass this."""
+    how a batch's loss is taken, and a change to the gradients before each optimiser step. Tasks
+    know nothing of Flower; the algorithms (``fl/algorithms``) subclass this."""
 
     def loss_term(self, model: nn.Module) -> torch.Tensor | None:
         return None
+
+    def batch_loss(self, loss_fn: nn.Module, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The batch's loss; DP-SGD replaces it by the mean of per-sample losses (a batched Dice
+        couples the samples, so one sample's gradient would not be its own)."""
+        return loss_fn(outputs, targets)
 
     def before_step(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         """Called after ``backward``, before ``optimizer.step`` (gradients are in ``p.grad``)."""
@@ -171,7 +176,7 @@ def train_local(
     for last_epoch, (x, y) in batches(loader, epochs, steps, first_epoch):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         optimizer.zero_grad(set_to_none=True)
-        loss = loss_fn(model(x), y)
+        loss = loss_fn(model(x), y) if hooks is None else hooks.batch_loss(loss_fn, model(x), y)
         term = hooks.loss_term(model) if hooks is not None else None
         if term is not None:
             loss = loss + term

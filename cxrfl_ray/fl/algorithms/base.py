@@ -66,6 +66,7 @@ class ClientRound:
     content: RecordDict  # the training message: global "arrays", "config", the algorithm's records
     store: ClientStateStore | None  # the client's state files (algorithms with client state only)
     state_round: int = 0  # round of the client's last accepted state (0: none yet)
+    rows: int = 0  # the client's training rows (DP-SGD's sampling rate batch_size / rows; 0: not known)
 
     def load_state(self) -> dict[str, torch.Tensor]:
         return self.store.load(self.state_round) if self.store is not None else {}
