@@ -258,7 +258,7 @@ class AvailabilityConfig(Section):
     online_share: Number = Field(1.0, gt=0, le=1, description="share of each period a client is online")
     period_s: Number = Field(86400.0, gt=0, description="the cycle's length in simulated seconds")
     trace: str | None = Field(None, description="CSV client,start_s,end_s of online intervals (FedScale-like); "
-                                                "clients it does not list are always online")
+                                                "clients it does not list follow the cycle (always online by default)")
 
 
 class SystemConfig(Section):

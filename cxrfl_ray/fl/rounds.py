@@ -116,9 +116,11 @@ class FailedRounds:
         """From a saved round's state (runs saved before this policy start with no streak)."""
         self.streak, self.first = int(extra.get("failed_streak", 0)), extra.get("first_failure")
 
-    def judge(self, server_round: int, selected: int, good: int, failures: list[Failure]) -> bool:
+    def judge(self, server_round: int, selected: int, good: int, failures: list[Failure], late: int = 0) -> bool:
         """True when the round may update the global model; raises once ``max_failed_rounds``
-        rounds in a row had fewer than ``min_replies`` good updates."""
+        rounds in a row had fewer than ``min_replies`` good updates (``late``: replies that came
+        after ``fl.deadline_s``, named in the messages)."""
+        stragglers = f" ({late} more came after fl.deadline_s)" if late else ""
         for failure in failures:
             log.warning("round %d: %s", server_round, failure)
         if good >= self.min_replies:
@@ -128,8 +130,8 @@ class FailedRounds:
         if self.first is None and failures:
             self.first = {"round": server_round, **asdict(failures[0])}
         if self.streak < self.max_failed_rounds:
-            log.warning("round %d failed: %d of %d clients gave a usable update (fl.min_replies %d); the global "
-                        "model is unchanged", server_round, good, selected, self.min_replies)
+            log.warning("round %d failed: %d of %d clients gave a usable update in time%s (fl.min_replies %d); the "
+                        "global model is unchanged", server_round, good, selected, stragglers, self.min_replies)
             return False
         first = Failure(self.first["client"], self.first["reason"], self.first["diverged"]) if self.first else None
         if first is not None and first.diverged and all(f.diverged for f in failures):
@@ -140,7 +142,7 @@ class FailedRounds:
             f"fl.max_failed_rounds {self.max_failed_rounds}")
         quoted = f"first client error (round {self.first['round']}): {first}" if first else "no client error reported"
         raise FederationFailed(f"federation failed at round {server_round}: {good} of {selected} clients trained "
-                               f"successfully, fewer than fl.min_replies {self.min_replies}{streak}; {quoted}")
+                               f"successfully{stragglers}, fewer than fl.min_replies {self.min_replies}{streak}; {quoted}")
 
 
 @dataclass
@@ -234,8 +236,10 @@ def train_round(strategy, grid, server_round: int, arrays: ArrayRecord, config, 
     messages = list(strategy.configure_train(server_round, arrays, config, grid))
     good, failures = screen(messages, list(grid.send_and_receive(messages, timeout=timeout)), timeout)
     counted = hooks.system.count(good, len(messages))
-    info: dict[str, float] = {"offline": float(selection.offline), **counted.info}
-    if hooks.policy.judge(server_round, len(messages), len(counted.kept), failures):
+    info: dict[str, float] = {"replied": float(len(good)), "offline": float(selection.offline),
+                              "aggregated": float(len(counted.kept)),
+                              **counted.info}
+    if hooks.policy.judge(server_round, len(messages), len(counted.kept), failures, len(counted.stragglers)):
         new_arrays, aggregated = hooks.aggregate(strategy, server_round, arrays, counted.kept)
         arrays = arrays if new_arrays is None else new_arrays
         if aggregated is not None:

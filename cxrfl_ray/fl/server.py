@@ -171,7 +171,7 @@ def serve(grid: Grid, prep: Prepared, run_dir: Path, outcome: Outcome, *, quiet:
             arrays = trained.arrays
             failures_total += len(trained.failures)
             _log_clients(sink, server_round, "client", trained.good)
-            round_info = {"selected": trained.selected, "replied": len(trained.good),
+            round_info = {"selected": trained.selected,
                           "failures": len(trained.failures), "failures_total": failures_total, **trained.info}
             sink.log(server_round, "round", "server", round_info)
             for pid, metrics in trained.privacy.items():

@@ -34,7 +34,13 @@ from cxrfl_ray.config import ExperimentConfig
 from cxrfl_ray.fl.system.profiles import Profiles, draw_profiles, transfer_seconds
 
 BUDGET_KEY = "steps-budget"  # a partial-work client's local steps this round (message config)
+SLACK_S = 1e-6  # a reply this close to the deadline is in time (a partial budget fills it exactly)
+UPLOAD_SHARE = {"none": 1.0, "fp16": 0.5, "int8": 0.25}  # a reply's size against the global's, for budgets
 SELECT_TAG = 7  # the selection stream (as fl/strategies.select_clients)
+
+
+class FederationEnded(ValueError):
+    """The availability trace leaves no client online for the rounds still to run."""
 
 
 @dataclass
@@ -94,6 +100,9 @@ class SimulatedClock:
         if fl.straggler == "partial" and fl.deadline_s is None:
             raise ValueError("fl.straggler partial gives slow clients the local steps that fit the deadline: "
                              "set fl.deadline_s")
+        if fl.straggler == "partial" and cfg.system.compute == "measured":
+            raise ValueError("fl.straggler partial plans each client's steps from system.seconds_per_step, which "
+                             "system.compute measured does not use: set system.compute: model")
         if fl.straggler == "partial" and cfg.train.steps is None:
             raise ValueError("fl.straggler partial needs train.steps (a fixed number of local steps per epoch) "
                              "to know how many steps fit the deadline")
@@ -109,7 +118,11 @@ class SimulatedClock:
         availability = self.profiles.availability
         online = availability.online(self.now_s)
         if not online.any():  # everyone offline: the round starts when the first client is back
-            self.now_s = availability.next_online(self.now_s)
+            back = availability.next_online(self.now_s)
+            if not math.isfinite(back):
+                raise FederationEnded(f"round {server_round}: no client is online at simulated time {self.now_s:.0f} s "
+                                      f"or later (system.availability.trace ends before fl.rounds are done)")
+            self.now_s = back
             online = availability.online(self.now_s)
         candidates = np.flatnonzero(online)
         size = min(self.nodes, candidates.size)
@@ -119,8 +132,9 @@ class SimulatedClock:
         fl = self.cfg.fl
         if fl.straggler == "partial" and fl.deadline_s is not None:
             planned = self.planned_steps()
+            up_bytes = down_bytes * UPLOAD_SHARE[fl.compression]  # the reply: the weights, as compressed
             for c in clients:
-                left = fl.deadline_s - self.transfer_s(c, down_bytes, down_bytes)
+                left = fl.deadline_s - self.transfer_s(c, down_bytes, up_bytes)
                 per_step = self.cfg.system.seconds_per_step * self.profiles.speed[c]
                 budgets[c] = int(max(0, min(planned, math.floor(left / per_step + 1e-9))))
             self._late = [c for c in clients if budgets[c] == 0]
@@ -155,10 +169,11 @@ class SimulatedClock:
         fl = self.cfg.fl
         finish = {reply_client(r): self.finish_s(r) for r in good}
         order = sorted(good, key=lambda r: (finish[reply_client(r)], reply_client(r)))
-        on_time = [r for r in order if fl.deadline_s is None or finish[reply_client(r)] <= fl.deadline_s]
+        on_time = [r for r in order if fl.deadline_s is None or finish[reply_client(r)] <= fl.deadline_s + SLACK_S]
         kept = on_time[: self.per_round]
-        kept_ids = {reply_client(r) for r in kept}
-        late = sorted([c for c in finish if c not in kept_ids] + self._late)  # past the deadline or the K-th
+        in_time = {reply_client(r) for r in on_time}
+        late = sorted([c for c in finish if c not in in_time] + self._late)  # past the deadline: stragglers
+        spare = sorted(reply_client(r) for r in on_time[self.per_round:])  # in time, after the K-th (over-selection)
         last = max(finish.values(), default=0.0)
         if len(kept) == self.per_round:  # the server stops waiting at the K-th arrival
             waited = finish[reply_client(kept[-1])]
@@ -172,7 +187,7 @@ class SimulatedClock:
         self.bytes_up += up
         self.now_s += waited
         info = {"sim_round_s": waited, "sim_time_s": self.now_s, "stragglers": float(len(late)),
-                "bytes_down": float(down), "bytes_up": float(up)}
+                "not_needed": float(len(spare)), "bytes_down": float(down), "bytes_up": float(up)}
         return Counted(sorted(kept, key=reply_client), late, waited, finish, info)
 
     def state(self) -> dict[str, float]:
