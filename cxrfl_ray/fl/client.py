@@ -26,6 +26,7 @@ from cxrfl_ray.fl.algorithms.base import trainable_state
 from cxrfl_ray.fl.privacy import privacy_class
 from cxrfl_ray.fl.client_state import STATE_DIR_KEY, STATE_ROUND_KEY, ClientStateStore
 from cxrfl_ray.fl.strategies import CLIENT_KEY
+from cxrfl_ray.fl.system.policy import BUDGET_KEY
 from cxrfl_ray.tasks.models import create_model
 from cxrfl_ray.tasks.training import (LocalHooks, make_optimizer, make_scheduler, seed_everything, select_device,
                                       train_local)
@@ -133,8 +134,10 @@ def _failure_draw(seed: int, server_round: int, cid: int) -> float:
     return float(np.random.default_rng([seed, 13, server_round, cid]).random())
 
 
-def fit_client(rt: Runtime, cid: int, server_round: int, hooks: LocalHooks | None = None) -> dict[str, float]:
-    """One client's local work in one round, on the model as it is (the global weights).
+def fit_client(rt: Runtime, cid: int, server_round: int, hooks: LocalHooks | None = None,
+               budget: int | None = None) -> dict[str, float]:
+    """One client's local work in one round, on the model as it is (the global weights);
+    ``budget``: at most that many local steps (a slow client's partial work, fl.straggler partial).
 
     Every random choice comes from (seed, round, client), so the result does not depend on
     which actor or process runs it: the engine and the in-process benchmark floor both call this.
@@ -148,8 +151,9 @@ def fit_client(rt: Runtime, cid: int, server_round: int, hooks: LocalHooks | Non
     optimizer = make_optimizer(rt.model.parameters(), cfg.train)
     per_round = (cfg.train.steps or len(loader)) * cfg.train.epochs
     scheduler = make_scheduler(optimizer, cfg.train, per_round * cfg.fl.rounds, per_round * (server_round - 1))
-    return train_local(rt.model, loader, rt.loss_fn, optimizer, rt.device, epochs=cfg.train.epochs,
-                       steps=cfg.train.steps, first_epoch=server_round * cfg.train.epochs, hooks=hooks,
+    epochs, steps = (1, budget) if budget is not None and budget < per_round else (cfg.train.epochs, cfg.train.steps)
+    return train_local(rt.model, loader, rt.loss_fn, optimizer, rt.device, epochs=epochs,
+                       steps=steps, first_epoch=server_round * cfg.train.epochs, hooks=hooks,
                        scheduler=scheduler)
 
 
@@ -181,7 +185,8 @@ def train(msg: Message, context: Context) -> Message:
     started = time.perf_counter()
     load_global(rt.model, msg.content["arrays"])
     work = _begin_work(rt, msg, context, cid, server_round)
-    fit = fit_client(rt, cid, server_round, hooks=work)
+    budget = int(config[BUDGET_KEY]) if BUDGET_KEY in config else None  # the round policy's partial work
+    fit = fit_client(rt, cid, server_round, hooks=work, budget=budget)
     extra = work.finish(fit)
     metrics = MetricRecord({CLIENT_KEY: cid, "num-examples": len(rt.client_images(cid)), "train_loss": fit["loss"],
                             "steps": fit["steps"], "fit_seconds": time.perf_counter() - started})

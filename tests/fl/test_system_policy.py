@@ -187,3 +187,20 @@ def test_the_report_gives_simulated_hours_to_the_threshold_beside_rounds():
     assert out["hours_to_threshold"].fillna(-1).to_dict() == {"a": 2.0, "b": 1.5, "c": -1}
     cells = config_table(out.reset_index(), ["param:fl.deadline_s"]).set_index("param:fl.deadline_s")
     assert cells.loc[1.0, "hours_to_threshold"] == "2.000" and cells.loc[2.0, "hours_to_threshold"] == "1.500 (1/2 seeds)"
+
+
+@pytest.mark.timeout(600)
+def test_partial_work_trains_the_steps_that_fit_the_deadline_on_the_engine(phantoms, tmp_path, ray_session):
+    from cxrfl_ray.fl.engine import run_federated
+    from cxrfl_ray.fl.system.profiles import draw_profiles
+
+    cfg = run_config(phantoms(n=60, size=32), tmp_path, "partial", overselect=1.0, straggler="partial")
+    speed = draw_profiles(cfg.system, 6, cfg.seed).speed
+    run = run_federated(cfg, quiet=True)
+    steps = {(r, int(i)): v for r, s, i, m, v in _rows(run) if s == "client" and m == "steps"}
+    assert steps and {speed[c] for _, c in steps} == {1.0, 5.0}  # both kinds trained
+    for (_, cid), done in steps.items():
+        # 2 s deadline: a fast client's 4 steps take 1 s; a slow one's 1.25 s each: 1 fits
+        assert done == (4 if speed[cid] == 1.0 else 1), (cid, speed[cid], done)
+    rounds = {(r, m): v for r, s, i, m, v in _rows(run) if s == "round"}
+    assert all(rounds[(r, "stragglers")] == 0 and rounds[(r, "sim_round_s")] <= 2.0 for r in (1, 2, 3))
