@@ -24,6 +24,7 @@ from cxrfl_ray.experiment import Prepared, prepare
 from cxrfl_ray.fl.algorithms import Algorithm, ClientRound, make_algorithm
 from cxrfl_ray.fl.algorithms.base import trainable_state
 from cxrfl_ray.fl.privacy import privacy_class
+from cxrfl_ray.fl.compression import compressed_work
 from cxrfl_ray.fl.client_state import STATE_DIR_KEY, STATE_ROUND_KEY, ClientStateStore
 from cxrfl_ray.fl.strategies import CLIENT_KEY
 from cxrfl_ray.fl.system.policy import BUDGET_KEY
@@ -207,7 +208,9 @@ def _begin_work(rt: Runtime, msg: Message, context: Context, cid: int, server_ro
     config = msg.content["config"]
     ctx = ClientRound(cid, server_round, rt.model, rt.cfg, msg.content, _state_store(rt, context, config, cid),
                       int(config.get(STATE_ROUND_KEY, 0)), len(rt.client_images(cid)))
-    work = privacy_class(rt.cfg.privacy.mode).local_work(rt.cfg, rt.algorithm.local(ctx), ctx)
+    # The algorithm's work, trained as the privacy mode says, its reply compressed (fl.compression).
+    work = compressed_work(rt.cfg, privacy_class(rt.cfg.privacy.mode).local_work(rt.cfg, rt.algorithm.local(ctx), ctx),
+                           ctx)
     work.begin()
     return work
 

@@ -22,6 +22,7 @@ from flwr.app import ArrayRecord, Message, RecordDict
 from cxrfl_ray.fl.algorithms import Algorithm, algorithm_class, make_algorithm
 from cxrfl_ray.fl.client import _npy_view
 from cxrfl_ray.fl.client_state import AcceptedStates
+from cxrfl_ray.fl.compression import decode_replies
 from cxrfl_ray.fl.privacy import NoPrivacy, make_privacy, privacy_class
 from cxrfl_ray.fl.system.policy import BUDGET_KEY, Counted, SimulatedClock, WallClock, message_bytes
 from cxrfl_ray.fl.strategies import CLIENT_KEY, reply_client
@@ -171,6 +172,7 @@ class ServerHooks:
     privacy: NoPrivacy
     system: SimulatedClock  # whom to select, when each reply arrives, which replies count
     accepted: AcceptedStates | None = None
+    codec: str = "none"  # fl.compression: how the updates travel (decoded before aggregation)
 
     @staticmethod
     def check(cfg, num_clients: int) -> None:
@@ -187,10 +189,12 @@ class ServerHooks:
         accepted = AcceptedStates(num_clients, state_root) if algorithm.keeps_client_state else None
         clock = (WallClock if sites else SimulatedClock)(cfg, num_clients, cfg.clients_per_round)
         return cls(algorithm, FailedRounds(cfg.fl.min_replies, cfg.fl.max_failed_rounds),
-                   make_privacy(cfg, num_clients, cfg.clients_per_round), clock, accepted)
+                   make_privacy(cfg, num_clients, cfg.clients_per_round), clock, accepted, cfg.fl.compression)
 
     def aggregate(self, strategy, server_round: int, arrays: ArrayRecord, replies: list[Message]):
-        """The algorithm's aggregation of the usable replies, through the privacy mechanism."""
+        """The algorithm's aggregation of the usable replies, decoded (``fl.compression``), through
+        the privacy mechanism."""
+        replies = decode_replies(replies, arrays, self.codec)
         return self.privacy.aggregate(server_round, arrays, replies,
                                       lambda rs: self.algorithm.aggregate(strategy, server_round, arrays, rs))
 

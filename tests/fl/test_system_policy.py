@@ -204,3 +204,34 @@ def test_partial_work_trains_the_steps_that_fit_the_deadline_on_the_engine(phant
         assert done == (4 if speed[cid] == 1.0 else 1), (cid, speed[cid], done)
     rounds = {(r, m): v for r, s, i, m, v in _rows(run) if s == "round"}
     assert all(rounds[(r, "stragglers")] == 0 and rounds[(r, "sim_round_s")] <= 2.0 for r in (1, 2, 3))
+
+
+@pytest.mark.timeout(600)
+def test_compressed_updates_travel_smaller_and_average_to_nearly_the_same_model(phantoms, tmp_path, ray_session):
+    """One round of resnet18 (tensors large enough that the int8 scales' headers do not matter):
+    a quarter of the upload bytes, the same download, and a global update within 2% of the
+    uncompressed one (int8's error per element is at most half its tensor's step)."""
+    import torch
+    from safetensors.torch import load_file
+
+    from cxrfl_ray.fl.engine import run_federated
+    from cxrfl_ray.tasks.models import create_model
+    from cxrfl_ray.tasks.training import seed_everything
+
+    data = phantoms(n=60, size=32)
+
+    def cfg(codec):
+        base = run_config(data, tmp_path, codec, compression=codec, deadline_s=None, overselect=1.0, rounds=1)
+        return build_config({**base.model_dump(mode="json"), "model": {"name": "resnet18", "norm": "group"}})
+
+    runs = {codec: run_federated(cfg(codec), quiet=True) for codec in ("none", "int8")}
+    rows = {codec: {(r, s, i, m): v for r, s, i, m, v in _rows(run)} for codec, run in runs.items()}
+    up, down = ({codec: rows[codec][(1, "round", "server", key)] for codec in runs} for key in ("bytes_up", "bytes_down"))
+    assert down["int8"] == down["none"] and up["int8"] == pytest.approx(0.25 * up["none"], rel=0.02)
+    seed_everything(0)  # the round's starting global, as the server builds it
+    start = create_model("resnet18", "classification", 1, 3, norm="group").state_dict()
+    new = {codec: load_file(str(run / "last.safetensors")) for codec, run in runs.items()}
+    keys = [k for k in start if start[k].is_floating_point()]
+    step = torch.cat([(new["none"][k] - start[k]).flatten() for k in keys])
+    error = torch.cat([(new["int8"][k] - new["none"][k]).flatten() for k in keys])
+    assert 0 < error.norm() / step.norm() < 0.02
