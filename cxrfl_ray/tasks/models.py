@@ -7,6 +7,8 @@ from timm. Pretrained weights load only from a local file, or from the hub when 
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -89,7 +91,11 @@ def create_model(name: str, task: str, in_chans: int = 1, num_classes: int = 3,
 
 
 def batchnorm_to_groupnorm(module: nn.Module) -> nn.Module:
-    """Replace BatchNorm2d layers in place by GroupNorm (32 groups, or fewer for narrow layers)."""
+    """Replace BatchNorm2d layers in place by GroupNorm (32 groups, or fewer for narrow layers).
+
+    timm's ``BatchNormAct2d`` (EfficientNet) is a BatchNorm2d that also applies its activation
+    (and dropout): it becomes ``Sequential(norm=GroupNorm, drop, act)``, so the activation is kept
+    and the norm is a plain GroupNorm (which Opacus' DP-SGD knows)."""
     for name, child in module.named_children():
         if isinstance(child, nn.BatchNorm2d):
             channels = child.num_features
@@ -98,6 +104,10 @@ def batchnorm_to_groupnorm(module: nn.Module) -> nn.Module:
             if child.affine:
                 norm.weight.data.copy_(child.weight.data)
                 norm.bias.data.copy_(child.bias.data)
+            act, drop = getattr(child, "act", None), getattr(child, "drop", None)
+            if isinstance(act, nn.Module) and not isinstance(act, nn.Identity) or \
+                    isinstance(drop, nn.Module) and not isinstance(drop, nn.Identity):
+                norm = nn.Sequential(OrderedDict(norm=norm, drop=drop or nn.Identity(), act=act or nn.Identity()))
             setattr(module, name, norm)
         else:
             batchnorm_to_groupnorm(child)

@@ -131,3 +131,19 @@ def test_smp_warm_start_from_a_plain_safetensors_state_dict_with_a_three_channel
     save_file({"decoder.unrelated.weight": torch.zeros(3)}, tmp_path / "junk.safetensors")
     with pytest.raises(ModelError, match="no weight in .*junk.safetensors fits the model"):
         create_model("unet-resnet18", "segmentation", pretrained=str(tmp_path / "junk.safetensors"))
+
+
+def test_groupnorm_keeps_the_activation_of_timms_batchnorm_act_layers():
+    """EfficientNet's norm layers apply SiLU themselves (timm's BatchNormAct2d); with GroupNorm the
+    activations stay, so the model computes the same kind of function."""
+    import torch
+
+    count = lambda m, kind: sum(isinstance(x, kind) for x in m.modules())  # noqa: E731
+    batch = create_model("efficientnet_b0", "classification", 1, 3, norm="batch")
+    group = create_model("efficientnet_b0", "classification", 1, 3, norm="group")
+    assert count(group, torch.nn.SiLU) == count(batch, torch.nn.SiLU) > 10
+    assert count(group, torch.nn.BatchNorm2d) == 0 and count(group, torch.nn.GroupNorm) == count(batch, torch.nn.BatchNorm2d)
+    x = torch.rand(2, 1, 64, 64)
+    group.eval()
+    assert group(x).shape == (2, 3)
+    assert float(group.bn1(group.conv_stem(x)).min()) >= -0.2785  # SiLU's minimum: the act ran
