@@ -48,6 +48,8 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/straightforward.py --quick
 	$(BIN)/python benchmarks/sweep_packing.py --quick
 	$(BIN)/python benchmarks/population.py --quick
+	$(BIN)/python benchmarks/privacy.py --quick
+	$(BIN)/python benchmarks/system_clock.py --quick
 
 clean:
 	rm -rf runs plans .pytest_cache

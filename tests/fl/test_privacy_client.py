@@ -66,14 +66,22 @@ def test_every_update_is_clipped_to_the_norm_and_weighted_equally():
     scales = [0.1, 0.5, 3.0, 40.0]  # two under the clip of 1.0, two over
     updates = [{k: s * v / math.sqrt(sum((x ** 2).sum() for x in u.values())) for k, v in u.items()}
                for s, u in zip(scales, [{k: rng.normal(size=v.shape) for k, v in glob.items()} for _ in scales])]
-    seen, new, _ = _aggregate(_cfg(noise_multiplier=0.0), glob, updates)
-    norms = [_norm({k: v for k, v in r.content["arrays"].items()}, glob) for r in seen]
-    assert norms == pytest.approx([0.1, 0.5, 1.0, 1.0], rel=1e-5)
-    assert [r.content["metrics"]["num-examples"] for r in seen] == [1, 1, 1, 1]  # equal weights: sensitivity C / K
+    cfg = _cfg(noise_multiplier=0.0)
+    # Each update alone: the new global moves by exactly the clipped update (norm min(|u|, C)).
+    for s, u in zip(scales, updates):
+        _, alone, _ = _aggregate(cfg, glob, [u])
+        assert _norm({k: torch.from_numpy(v) for k, v in alone.items()}, glob) == pytest.approx(min(s, 1.0), rel=1e-5)
+    seen, new, privacy = _aggregate(cfg, glob, updates)
+    assert len(seen) == 1 and seen[0].content["metrics"]["num-examples"] == 1  # the clipped mean, as one reply
+    assert privacy.last["clipped_share"] == 0.5
     # The average of the clipped updates, unweighted (the clients hold 10, 20, 30, 40 examples).
     clipped = [{k: u[k] * min(1.0, 1.0 / s) for k in u} for s, u in zip(scales, updates)]
     for k in glob:
         np.testing.assert_allclose(new[k], glob[k] + sum(c[k] for c in clipped) / 4, rtol=1e-5, atol=1e-6)
+    # Nothing clipped, no noise: the replies go to the strategy as they are, weighted equally.
+    small = [{k: v * 0.1 for k, v in u.items()} for u in updates[:2]]
+    seen, _, _ = _aggregate(_cfg(noise_multiplier=0.0, clip_norm=100.0), glob, small)
+    assert len(seen) == 2 and [r.content["metrics"]["num-examples"] for r in seen] == [1, 1]
 
 
 def test_noise_on_the_average_has_std_z_c_over_k_and_comes_from_the_seed_and_round():

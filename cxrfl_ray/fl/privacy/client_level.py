@@ -3,10 +3,9 @@ weights minus the round's global weights) is clipped to L2 norm C, the clipped u
 averaged with equal weights, and Gaussian noise of std z * C / K is added to their average
 (K: the updates averaged). Optionally the clip adapts (Andrew et al. 2021).
 
-The noise reaches the average through the strategy's own aggregation: the same noise vector is
-added to every clipped reply and the replies are weighted equally, so their mean is the clipped
-mean plus the noise, and FedAvgM / FedAdam / FedYogi / FedAdagrad take their server step from the
-noisy average, as in McMahan et al. Flower's ``DifferentialPrivacyServerSide*Clipping`` wrappers are
+The noise reaches the average through the strategy's own aggregation: the strategy is handed the
+clipped, noised mean as one reply (its mean of one reply is that reply), so FedAvgM / FedAdam /
+FedYogi / FedAdagrad take their server step from the noisy average, as in McMahan et al. Flower's ``DifferentialPrivacyServerSide*Clipping`` wrappers are
 not used: they draw unseeded noise, weight by example counts, and return nothing when any client
 failed; here the noise comes from (seed, round), failures are counted and the round goes on.
 """
@@ -32,19 +31,6 @@ AVERAGING = ("fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "fedprox",
 NOISE_TAG = 0x5D9  # keeps the noise stream apart from the other seeded draws of a round
 
 
-def update_norms(globals_: dict[str, np.ndarray], replies: list[dict[str, np.ndarray]]) -> np.ndarray:
-    """L2 norm of each reply's update over its float tensors (float64 sums)."""
-    norms = []
-    for reply in replies:
-        total = 0.0
-        for k, w in reply.items():
-            if np.issubdtype(w.dtype, np.floating):
-                d = w.astype(np.float64) - globals_[k]
-                total += float(np.dot(d.ravel(), d.ravel()))
-        norms.append(math.sqrt(total))
-    return np.asarray(norms)
-
-
 def update_noise_multiplier(z: float, count_stddev: float | None) -> float:
     """With adaptive clipping part of the privacy budget goes to the noised count: the update's
     noise multiplier is (z^-2 - (2 sigma_b)^-2)^(-1/2) (Andrew et al. 2021, Thm 1), so the pair
@@ -58,21 +44,23 @@ def update_noise_multiplier(z: float, count_stddev: float | None) -> float:
     return rest ** -0.5
 
 
-def _private(glob: np.ndarray, weights: np.ndarray, scale: float, noise: np.ndarray | None) -> np.ndarray:
-    """One tensor of a reply: the global plus the clipped update, plus the round's noise."""
-    if not np.issubdtype(weights.dtype, np.floating):
-        return np.ascontiguousarray(weights)
-    out = glob + (weights - glob) * weights.dtype.type(scale) if scale < 1.0 else weights.copy()
-    if noise is not None:
-        out += noise
-    return np.ascontiguousarray(out)
-
-
 def default_count_stddev(per_round: int, z: float) -> float:
     """Andrew et al.'s cohort / 20, but at least z: with a cross-silo cohort of a few sites
     cohort / 20 is below the z / 2 the noise split needs; z costs the update 15% more noise
     (its multiplier 2 z / sqrt(3))."""
     return max(per_round / 20, z)
+
+
+def _equal_weight(reply: Message, content: RecordDict) -> Message:
+    """A twin of ``reply`` with ``content`` and weight 1 (the reply itself keeps its record: the
+    client's metrics are logged from it)."""
+    content = RecordDict(dict(content))
+    metrics = MetricRecord(dict(reply.content["metrics"]))
+    metrics["num-examples"] = 1  # equal weights: the sensitivity of the mean is C / K
+    content["metrics"] = metrics
+    twin = copy.copy(reply)
+    twin.content = content
+    return twin
 
 
 class ClientLevelDP(NoPrivacy):
@@ -105,31 +93,56 @@ class ClientLevelDP(NoPrivacy):
         cls(cfg, num_clients, per_round)  # target_epsilon solvable, adaptive noise split possible
 
     def aggregate(self, server_round: int, arrays: ArrayRecord, replies: list[Message], aggregate: Aggregate):
+        """Clip each update, average them with equal weights, add the noise; the strategy gets
+        that noised mean as one reply (its own mean of one reply is that reply, so FedAvgM /
+        FedAdam / ... take their server step from it). With nothing clipped and no noise the
+        replies go on as they are, weighted equally: z = 0 with a large clip is the plain run."""
         from cxrfl_ray.fl.client import _npy_view, tensors_record
 
-        glob = {k: _npy_view(v) for k, v in arrays.items()}
-        weights = [{k: _npy_view(v) for k, v in r.content["arrays"].items()} for r in replies]
-        norms = update_norms(glob, weights)
+        glob = {key: _npy_view(v) for key, v in arrays.items()}
         clip, k = self.clip_norm, len(replies)
         std = self.update_multiplier * clip / k
         rng = np.random.default_rng([self.cfg.seed, NOISE_TAG, server_round])
-        keys = sorted(k_ for k_, w in weights[0].items() if np.issubdtype(w.dtype, np.floating))
-        noise = {key: rng.normal(0.0, std, size=weights[0][key].shape).astype(weights[0][key].dtype)
-                 for key in keys} if std > 0 else {}
-        private = []
-        for reply, w, norm in zip(replies, weights, norms):
-            scale = clip / norm if norm > clip else 1.0
-            content = RecordDict(dict(reply.content))
-            if scale < 1.0 or noise:  # untouched otherwise: z = 0 with a large clip is the plain run, bit for bit
-                content["arrays"] = tensors_record({key: torch.from_numpy(_private(glob[key], v, scale, noise.get(key)))
-                                                    for key, v in w.items()})
-            metrics = MetricRecord(dict(reply.content["metrics"]))
-            metrics["num-examples"] = 1  # equal weights: the sensitivity of the mean is C / K
-            content["metrics"] = metrics
-            twin = copy.copy(reply)  # the reply itself keeps its own record (client metrics are logged from it)
-            twin.content = content
-            private.append(twin)
-        result = aggregate(private)
+        total: dict[str, np.ndarray] = {}  # the sum of the clipped updates / K, per float tensor
+        buffer: dict[str, np.ndarray] = {}
+        norms, others = [], []
+        for reply in replies:
+            w = {key: _npy_view(v) for key, v in reply.content["arrays"].items()}
+            updates, squares = {}, 0.0
+            for key, v in w.items():
+                if np.issubdtype(v.dtype, np.floating):
+                    d = np.subtract(v, glob[key], out=buffer.setdefault(key, np.empty_like(v)))
+                    squares += float(np.square(d).sum(dtype=np.float64))  # pairwise sum: ~1e-7 relative
+                    updates[key] = d
+            norm = math.sqrt(squares)
+            norms.append(norm)
+            factor = (clip / norm if norm > clip else 1.0) / k
+            for key, d in updates.items():
+                d *= d.dtype.type(factor)
+                if key in total:
+                    total[key] += d
+                else:
+                    total[key] = d.copy()
+            others.append({key: v for key, v in w.items() if key not in updates})
+        norms = np.asarray(norms)
+        if std == 0 and (norms <= clip).all():
+            result = aggregate([_equal_weight(r, r.content) for r in replies])
+        else:
+            mean = {}
+            for key in sorted(total):  # a fixed order: the noise stream does not depend on the replies' order
+                mean[key] = glob[key] + total[key]
+                if std > 0:
+                    mean[key] += rng.standard_normal(mean[key].shape, dtype=np.float32).astype(mean[key].dtype) \
+                        * mean[key].dtype.type(std)
+            for key in others[0]:  # integer buffers: their plain mean
+                mean[key] = np.mean([o[key] for o in others], axis=0).astype(others[0][key].dtype)
+            content = RecordDict(dict(replies[0].content))
+            content["arrays"] = tensors_record({key: torch.from_numpy(np.ascontiguousarray(mean[key]))
+                                                for key in replies[0].content["arrays"].keys()})
+            one = _equal_weight(replies[0], content)
+            one.content["metrics"]["train_loss"] = float(np.mean([float(r.content["metrics"]["train_loss"])
+                                                                   for r in replies]))
+            result = aggregate([one])
         unclipped = int((norms <= clip).sum())
         self.last = {"clip_norm": clip, "clipped_share": 1 - unclipped / k, "update_norm_median": float(np.median(norms)),
                      "noise_std": std}
