@@ -223,11 +223,15 @@ class PrivacyConfig(Section):
     adaptive_clip: AdaptiveClipConfig | None = Field(None, description="client mode: learn the clip norm")
     delta: Number = Field(1e-5, gt=0, lt=1, description="the delta epsilon is reported at")
     accountant: Literal["rdp", "pld"] = Field("rdp", description="dp-accounting's RDP or PLD accountant")
+    secure_noise: bool = Field(False, description="draw the noise from the OS's entropy, not from the config's seed "
+                                                  "(a real federation: whoever knows the seed could regenerate and "
+                                                  "subtract seeded noise); the run is then not reproducible")
 
     @model_validator(mode="after")
     def _complete(self) -> "PrivacyConfig":
         if self.mode == "none":
             given = [k for k in ("noise_multiplier", "target_epsilon", "adaptive_clip") if getattr(self, k) is not None]
+            given += ["secure_noise"] if self.secure_noise else []
             if given:
                 raise ValueError(f"privacy.{given[0]} is set but privacy.mode is 'none'; set privacy.mode "
                                  f"(client or sample) or remove it")

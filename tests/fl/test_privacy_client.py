@@ -232,3 +232,12 @@ def test_zero_noise_and_a_large_clip_is_the_plain_run_bit_for_bit_and_a_killed_d
     summary = json.loads((stopped / "summary.json").read_text())["privacy"]
     assert summary == json.loads((reference / "summary.json").read_text())["privacy"]
     assert summary["mode"] == "client" and summary["epsilon"] == pytest.approx(eps[3]) and summary["rounds_accounted"] == 3
+
+
+def test_secure_noise_comes_from_the_os_not_the_seed():
+    glob = {"w": np.zeros(1000)}
+    cfg = _cfg(noise_multiplier=1.0, secure_noise=True)
+    (_, a, _), (_, b, _) = (_aggregate(cfg, glob, [{"w": np.zeros(1000)}] * 4) for _ in range(2))
+    assert not np.allclose(a["w"], b["w"]) and np.std(a["w"]) == pytest.approx(0.25, rel=0.15)
+    with pytest.raises(ConfigError, match="privacy.secure_noise is set but privacy.mode is 'none'"):
+        build_config({"privacy": {"secure_noise": True}})

@@ -102,7 +102,7 @@ class ClientLevelDP(NoPrivacy):
         glob = {key: _npy_view(v) for key, v in arrays.items()}
         clip, k = self.clip_norm, len(replies)
         std = self.update_multiplier * clip / k
-        rng = np.random.default_rng([self.cfg.seed, NOISE_TAG, server_round])
+        rng = np.random.default_rng(None if self.cfg.privacy.secure_noise else [self.cfg.seed, NOISE_TAG, server_round])
         total: dict[str, np.ndarray] = {}  # the sum of the clipped updates / K, per float tensor
         buffer: dict[str, np.ndarray] = {}
         norms, others = [], []

@@ -234,8 +234,11 @@ class PrivateSteps(LocalHooks):
         if self.dp is None or self.dp.original_optimizer is not optimizer:
             if self.generator is None:
                 device = next(self.ctx.model.parameters()).device
-                self.generator = torch.Generator(device=device).manual_seed(
-                    noise_seed(self.cfg.seed, self.ctx.server_round, self.ctx.cid))
+                self.generator = torch.Generator(device=device)
+                if self.cfg.privacy.secure_noise:
+                    self.generator.seed()  # the OS's entropy (not cryptographic: Opacus' secure_mode needs torchcsprng)
+                else:
+                    self.generator.manual_seed(noise_seed(self.cfg.seed, self.ctx.server_round, self.ctx.cid))
             self.dp = DPOptimizer(optimizer, noise_multiplier=self.noise_multiplier, max_grad_norm=self.clip_norm,
                                   expected_batch_size=self.cfg.train.batch_size, generator=self.generator)
         return self.dp
