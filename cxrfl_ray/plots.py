@@ -21,6 +21,13 @@ def plot_series(path: str | Path, series: dict[str, Sequence[tuple[int, float]]]
             ax.plot(xs, ys, marker="o", label=name)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
+    return save_figure(fig, ax, path, title)
+
+
+def save_figure(fig, ax, path: str | Path, title: str = "") -> Path:
+    """Title, grid and legend on ``ax``; the figure written to ``path`` and closed."""
+    import matplotlib.pyplot as plt
+
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()

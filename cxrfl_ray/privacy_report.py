@@ -28,6 +28,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 import yaml
 
+from cxrfl_ray.plots import save_figure
 from cxrfl_ray.report import FAILED, _label, _markdown, _mean_spread
 
 log = logging.getLogger("cxrfl.report")
@@ -276,13 +277,7 @@ def plot_privacy_utility(path: Path, points: pd.DataFrame, metric: str, title: s
     deltas = sorted(set(finite["delta"].dropna()))
     ax.set_xlabel(f"epsilon at delta {deltas[0]:g}" if len(deltas) == 1 else "epsilon (at each line's delta)")
     ax.set_ylabel(f"final {metric}")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return Path(path)
+    return save_figure(fig, ax, path, title)
 
 
 def privacy_section(out: Path, records: pd.DataFrame, swept: list[str], metric: str, name: str) -> list[str]:
