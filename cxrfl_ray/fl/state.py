@@ -76,9 +76,19 @@ def save_state(run_dir: Path, server_round: int, arrays: ArrayRecord, strategy: 
     if cfg is not None:
         meta["config"] = canonical_config(cfg)
         meta["config_sha256"] = hashlib.sha256(meta["config"].encode()).hexdigest()
+        meta["inputs"] = dumps(input_digests(cfg))
     save_file(tensors, tmp, metadata=meta)
     tmp.replace(path)
     return path
+
+
+def input_digests(cfg: Any) -> dict[str, str]:
+    """sha256 of the files a config names besides its dataset whose contents decide the run (the
+    system traces): the config holds their paths, not what is in them."""
+    paths = [getattr(cfg.system, "profile_trace", None), getattr(cfg.system.availability, "trace", None)] \
+        if hasattr(cfg, "system") else []
+    return {p: hashlib.sha256(Path(p).read_bytes()).hexdigest() if Path(p).is_file() else "missing"
+            for p in paths if p}
 
 
 def saved_round(run_dir: Path) -> int | None:
@@ -102,6 +112,11 @@ def check_resume(run_dir: Path, cfg: Any) -> None:
                     "resuming with %s as it is, unchecked", run_dir, run_dir / "config.yaml")
         return
     saved = json.loads(meta["config"])
+    edited = sorted(p for p, digest in json.loads(meta.get("inputs", "{}")).items()
+                    if input_digests(cfg).get(p) != digest)
+    if edited:
+        raise ConfigError(f"--resume {run_dir}: {', '.join(edited)} changed (or went) after rounds ran with it; "
+                          f"restore it, or start a new run")
     if hashlib.sha256(canonical_config(cfg).encode()).hexdigest() == meta["config_sha256"]:
         return
     changes = config_changes(saved, cfg.model_dump(mode="json"), ignore=("out_dir",))  # out_dir: unused on resume

@@ -234,3 +234,18 @@ def test_compressed_updates_travel_smaller_and_average_to_nearly_the_same_model(
     step = torch.cat([(new["none"][k] - start[k]).flatten() for k in keys])
     error = torch.cat([(new["int8"][k] - new["none"][k]).flatten() for k in keys])
     assert 0 < error.norm() / step.norm() < 0.02
+
+
+def test_resume_refuses_a_trace_edited_after_rounds_ran_with_it(tmp_path):
+    from flwr.app import ArrayRecord as Record
+
+    from cxrfl_ray.config import ConfigError
+    from cxrfl_ray.fl.state import check_resume, save_state
+
+    cfg = _cfg(tmp_path)
+    save_state(tmp_path, 1, Record({"w": Array(np.zeros(3, np.float32))}), object(), {"best": None}, cfg)
+    check_resume(tmp_path, cfg)  # as it was: fine
+    trace = tmp_path / "profiles.csv"
+    trace.write_text(trace.read_text().replace("0,1.0,8,8", "0,3.0,8,8"))
+    with pytest.raises(ConfigError, match=r"--resume .*: .*profiles.csv changed \(or went\) after rounds ran with it"):
+        check_resume(tmp_path, cfg)
