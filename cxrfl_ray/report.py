@@ -24,7 +24,7 @@ from cxrfl_ray.plots import plot_heatmap, plot_series
 NOT_REACHED = "not reached"
 
 
-SIM_TIME = "round/sim_time_s"  # a trial's simulated time after each round, as it reports it
+SIM_TIME = "round/server/sim_time_s"  # a trial's simulated time after each round, as it reports it
 
 
 def rounds_to_reach(rounds: list[int], values: list[float], threshold: float, mode: str) -> int | None:

@@ -37,7 +37,7 @@ def main(grid: Grid, context: Context) -> None:
     cfg = load_config(str(rc["config"]), shlex.split(str(rc.get("set", ""))))
     prep = prepare(cfg, role="server")  # checks the evaluation data before any site trains
     try:
-        ServerHooks.check(prep.cfg, prep.cfg.partition.clients)  # e.g. FedBN without BatchNorm, DP-SGD with it
+        ServerHooks.check(prep.cfg, prep.cfg.partition.clients, sites=True)  # e.g. FedBN without BN, DP-SGD with it
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     run_dir = Path(str(rc.get("out") or Path(cfg.out_dir) / f"{cfg.name}-deploy"))

@@ -175,12 +175,12 @@ class ServerHooks:
     codec: str = "none"  # fl.compression: how the updates travel (decoded before aggregation)
 
     @staticmethod
-    def check(cfg, num_clients: int) -> None:
+    def check(cfg, num_clients: int, sites: bool = False) -> None:
         """Refuse a config the algorithm, the privacy mode or the round policy cannot run
         (``ValueError`` naming the field), before Ray starts."""
         algorithm_class(cfg.fl.strategy.name).check(cfg)
         privacy_class(cfg.privacy.mode).check(cfg, num_clients, cfg.clients_per_round)
-        SimulatedClock.check(cfg, num_clients)
+        SimulatedClock.check(cfg, num_clients, sites)
 
     @classmethod
     def for_run(cls, cfg, num_clients: int, state_root, sites: bool = False) -> "ServerHooks":
@@ -240,10 +240,10 @@ def train_round(strategy, grid, server_round: int, arrays: ArrayRecord, config, 
     messages = list(strategy.configure_train(server_round, arrays, config, grid))
     good, failures = screen(messages, list(grid.send_and_receive(messages, timeout=timeout)), timeout)
     counted = hooks.system.count(good, len(messages))
-    info: dict[str, float] = {"replied": float(len(good)), "offline": float(selection.offline),
-                              "aggregated": float(len(counted.kept)),
+    info: dict[str, float] = {"replied": float(len(good)), "offline": float(selection.offline), "aggregated": 0.0,
                               **counted.info}
     if hooks.policy.judge(server_round, len(messages), len(counted.kept), failures, len(counted.stragglers)):
+        info["aggregated"] = float(len(counted.kept))
         new_arrays, aggregated = hooks.aggregate(strategy, server_round, arrays, counted.kept)
         arrays = arrays if new_arrays is None else new_arrays
         if aggregated is not None:

@@ -180,7 +180,7 @@ def test_the_report_gives_simulated_hours_to_the_threshold_beside_rounds():
         "trial": ["a"] * 3 + ["b"] * 3 + ["c"] * 3, "status": "TERMINATED",
         "param:fl.deadline_s": [1.0] * 3 + [2.0] * 3 + [2.0] * 3, "round": [1, 2, 3] * 3,
         "central/val/jaccard": [0.5, 0.9, 0.95, 0.5, 0.6, 0.95, 0.2, 0.3, 0.4],
-        "round/sim_time_s": [3600, 7200, 10800, 1800, 3600, 5400, 100, 200, 300]})
+        "round/server/sim_time_s": [3600, 7200, 10800, 1800, 3600, 5400, 100, 200, 300]})
     out = trial_outcomes(trials, "central/val/jaccard", "max", 0.9, None).set_index("trial")
     assert out["rounds_to_threshold"].fillna(-1).to_dict() == {"a": 2, "b": 3, "c": -1}  # c never reached it
     assert out["hours_to_threshold"].fillna(-1).to_dict() == {"a": 2.0, "b": 1.5, "c": -1}

@@ -36,6 +36,7 @@ from cxrfl_ray.fl.system.profiles import Profiles, draw_profiles, transfer_secon
 BUDGET_KEY = "steps-budget"  # a partial-work client's local steps this round (message config)
 SLACK_S = 1e-6  # a reply this close to the deadline is in time (a partial budget fills it exactly)
 UPLOAD_SHARE = {"none": 1.0, "fp16": 0.5, "int8": 0.25}  # a reply's size against the global's, for budgets
+HEADER_ROOM = 65536  # bytes: npy headers and int8 scales a reply adds (~260 per tensor; a ResNet50 has ~320)
 SELECT_TAG = 7  # the selection stream (as fl/strategies.select_clients)
 
 
@@ -93,10 +94,13 @@ class SimulatedClock:
         self._down_bytes = 0
 
     @classmethod
-    def check(cls, cfg: ExperimentConfig, num_clients: int) -> None:
+    def check(cls, cfg: ExperimentConfig, num_clients: int, sites: bool = False) -> None:
         """Refuse a policy that cannot run, and read the traces (their errors name file, row and
-        column), before Ray starts."""
+        column), before Ray starts. ``sites``: a real federation (``WallClock``)."""
         fl = cfg.fl
+        if sites and fl.straggler == "partial":
+            raise ValueError("fl.straggler partial plans each client's steps from simulated speeds; a real "
+                             "federation has real sites: use fl.straggler drop with fl.deadline_s")
         if fl.straggler == "partial" and fl.deadline_s is None:
             raise ValueError("fl.straggler partial gives slow clients the local steps that fit the deadline: "
                              "set fl.deadline_s")
@@ -132,7 +136,8 @@ class SimulatedClock:
         fl = self.cfg.fl
         if fl.straggler == "partial" and fl.deadline_s is not None:
             planned = self.planned_steps()
-            up_bytes = down_bytes * UPLOAD_SHARE[fl.compression]  # the reply: the weights, as compressed
+            # the reply: the weights as compressed, with room for the arrays' headers and int8's scales
+            up_bytes = down_bytes * UPLOAD_SHARE[fl.compression] * 1.01 + HEADER_ROOM
             for c in clients:
                 left = fl.deadline_s - self.transfer_s(c, down_bytes, up_bytes)
                 per_step = self.cfg.system.seconds_per_step * self.profiles.speed[c]
