@@ -44,12 +44,12 @@ def _record(state: dict[str, np.ndarray]) -> ArrayRecord:
 
 def aggregation_seconds(privacy_mode: str, repeats: int) -> float:
     """Median seconds of one round's aggregation of K resnet18 replies (plain or client-level DP)."""
-    model = create_model("resnet18", "classification", 1, 3)
+    model = create_model("resnet18", "classification", 1, 3, norm="group")  # client-level DP refuses BatchNorm
     glob = {k: v.numpy().copy() for k, v in trainable_state(model).items()}
     rng = np.random.default_rng(0)
     privacy = {"mode": "client", "noise_multiplier": 1.0, "clip_norm": 1.0, "adaptive_clip": {}} \
         if privacy_mode == "client" else {"mode": "none"}
-    cfg = build_config({"model": {"name": "resnet18"}, "partition": {"clients": 100},
+    cfg = build_config({"model": {"name": "resnet18", "norm": "group"}, "partition": {"clients": 100},
                         "fl": {"clients_per_round": COHORT}, "privacy": privacy})
     dp = make_privacy(cfg, 100, COHORT)
     strategy = make_strategy("fedavg", {}, num_clients=100, per_round=COHORT, seed=0, client_eval=False)

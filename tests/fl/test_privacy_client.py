@@ -241,3 +241,15 @@ def test_secure_noise_comes_from_the_os_not_the_seed():
     assert not np.allclose(a["w"], b["w"]) and np.std(a["w"]) == pytest.approx(0.25, rel=0.15)
     with pytest.raises(ConfigError, match="privacy.secure_noise is set but privacy.mode is 'none'"):
         build_config({"privacy": {"secure_noise": True}})
+
+
+def test_client_level_dp_refuses_batchnorm_unless_it_stays_local():
+    """Noise on BatchNorm's running variance makes it negative (a NaN model, seen on the default
+    classification preset); FedBN keeps BatchNorm on the clients, so it may."""
+    cfg = lambda strategy: build_config({"model": {"name": "resnet18"}, "partition": {"clients": 10},  # noqa: E731
+                                         "fl": {"clients_per_round": 4, "strategy": {"name": strategy}},
+                                         "privacy": {"mode": "client", "noise_multiplier": 1.0}})
+    with pytest.raises(ValueError, match=r"privacy.mode 'client' noises every averaged tensor, BatchNorm's running "
+                                         r"variance too.*set model.norm: group, or fl.strategy.name: fedbn"):
+        ServerHooks.check(cfg("fedavg"), 10)
+    ServerHooks.check(cfg("fedbn"), 10)

@@ -90,6 +90,14 @@ class ClientLevelDP(NoPrivacy):
             raise ValueError(f"privacy.mode 'client' needs a strategy that averages the updates "
                              f"({', '.join(AVERAGING)}); fl.strategy.name {name!r} does not, so clipping and "
                              f"noise would not bound what one client changes")
+        if name != "fedbn" and cfg.model.norm == "batch":
+            from cxrfl_ray.fl.algorithms.fedbn import batchnorm_keys
+            from cxrfl_ray.fl.algorithms.base import model_skeleton
+
+            if batchnorm_keys(model_skeleton(cfg)):
+                raise ValueError("privacy.mode 'client' noises every averaged tensor, BatchNorm's running variance "
+                                 "too, which then goes negative (and its statistics are data the clip does not "
+                                 "bound): set model.norm: group, or fl.strategy.name: fedbn (BatchNorm stays local)")
         cls(cfg, num_clients, per_round)  # target_epsilon solvable, adaptive noise split possible
 
     def aggregate(self, server_round: int, arrays: ArrayRecord, replies: list[Message], aggregate: Aggregate):
