@@ -85,13 +85,16 @@ def message_bytes(records) -> int:
 class SimulatedClock:
     """The simulation's round policy and virtual clock."""
 
+    simulated = True  # whether clients have simulated profiles (a real federation's sites do not)
+
     def __init__(self, cfg: ExperimentConfig, num_clients: int, per_round: int,
                  profiles: Profiles | None = None) -> None:
         self.cfg, self.num_clients, self.per_round = cfg, num_clients, per_round
-        self.profiles = profiles if profiles is not None else draw_profiles(cfg.system, num_clients, cfg.seed)
+        self.profiles = profiles if profiles is not None or not self.simulated else \
+            draw_profiles(cfg.system, num_clients, cfg.seed)
         self.now_s = 0.0  # simulated time at the start of the next round
         self.bytes_down = self.bytes_up = 0  # totals so far
-        self._down_bytes = 0
+        self._down_bytes, self._late = 0, []
 
     @classmethod
     def check(cls, cfg: ExperimentConfig, num_clients: int, sites: bool = False) -> None:
@@ -110,7 +113,8 @@ class SimulatedClock:
         if fl.straggler == "partial" and cfg.train.steps is None:
             raise ValueError("fl.straggler partial needs train.steps (a fixed number of local steps per epoch) "
                              "to know how many steps fit the deadline")
-        draw_profiles(cfg.system, num_clients, cfg.seed)
+        if not sites:  # a real federation's sites have no simulated profiles: its traces are unused
+            draw_profiles(cfg.system, num_clients, cfg.seed)
 
     @property
     def nodes(self) -> int:
@@ -207,6 +211,8 @@ class WallClock(SimulatedClock):
     """A real federation's round policy: every site online, arrival = the real time a reply was
     created after the round's messages went out, the deadline and over-selection applied to it.
     Its "simulated" time is then real time waited, so the outputs read the same."""
+
+    simulated = False
 
     def select(self, server_round: int, down_bytes: int) -> Selection:
         self.sent_at, self._down_bytes, self._late = time.time(), down_bytes, []
