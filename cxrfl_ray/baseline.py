@@ -12,6 +12,7 @@ import torch
 from cxrfl_ray.config import ConfigError, ExperimentConfig
 from cxrfl_ray.experiment import Prepared, evaluate_views, prepare
 from cxrfl_ray.jsonio import write_json
+from cxrfl_ray.pictures import write_pictures
 from cxrfl_ray.plots import plot_series
 from cxrfl_ray.tasks.checkpoint import save_checkpoint
 from cxrfl_ray.tasks.models import create_model
@@ -48,7 +49,8 @@ def run_training(cfg: ExperimentConfig, local_only: int | None = None, quiet: bo
 
     The folder holds ``config.yaml``, ``metrics.parquet`` (per epoch: train loss, validation
     metrics; at the end: test, per-site and held-out-site metrics of the best checkpoint),
-    ``best.safetensors``, ``last.safetensors``, ``summary.json`` and a PNG of the main metric.
+    ``best.safetensors``, ``last.safetensors``, ``summary.json``, a PNG of the main metric and pictures
+    of the best checkpoint's test predictions (``pictures.write_pictures``).
     """
     prep = prepare(cfg)
     cfg = prep.cfg  # with counts taken from the dataset (partition.clients: sites)
@@ -109,4 +111,5 @@ def run_training(cfg: ExperimentConfig, local_only: int | None = None, quiet: bo
     write_json(run / "summary.json", summary)
     plot_series(run / f"{main}.png", {f"val {main}": sink.series("central", cfg.data.val_split, main)},
                 ylabel=main, title=f"{cfg.name} ({kind})")
+    write_pictures(run, prep, device)
     return run

@@ -94,6 +94,8 @@ class PartitionConfig(Section):
     alpha: Number = Field(0.5, gt=0, description="dirichlet concentration (smaller = more label skew)")
     power: Number = Field(1.0, ge=0, description="quantity power-law exponent (larger = more size skew)")
     min_size: Count = Field(1, ge=0, description="minimum patients per client")
+    seed: Count | None = Field(None, description="the partition's own seed (default: the config's seed); a sweep "
+                                                 "with seeds: N pins it to its base seed unless partition_seed: vary")
 
     def scheme_args(self) -> dict[str, float]:
         extra = {"dirichlet": {"alpha": self.alpha}, "quantity": {"power": self.power}}.get(self.scheme, {})
@@ -197,6 +199,9 @@ class TrackingConfig(Section):
     wandb: Literal["offline", "online", "disabled"] = "offline"
     project: str = "cxrfl-ray"
     group: str | None = Field(None, description="W&B group (a sweep groups its trials by its name)")
+    pictures: Count = Field(8, ge=0, description="seeded test images drawn with their predicted and true lung "
+                                                "contours in the run folder's overlays.png (segmentation; "
+                                                "classification writes confusion.png and roc.png); 0 draws none")
 
 
 class AdaptiveClipConfig(Section):

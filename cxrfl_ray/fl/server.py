@@ -23,6 +23,7 @@ from cxrfl_ray.fl.rounds import ServerHooks, evaluate_global, train_round
 from cxrfl_ray.fl.state import load_algorithm_state, load_state, restore_strategy, save_state
 from cxrfl_ray.fl.strategies import CLIENT_KEY, make_strategy, reply_client
 from cxrfl_ray.jsonio import write_json
+from cxrfl_ray.pictures import write_pictures
 from cxrfl_ray.plots import plot_series
 from cxrfl_ray.tasks.checkpoint import save_checkpoint
 from cxrfl_ray.tasks.models import create_model
@@ -211,6 +212,7 @@ def serve(grid: Grid, prep: Prepared, run_dir: Path, outcome: Outcome, *, quiet:
         plot_series(run_dir / f"{main_metric}_sim_hours.png",
                     {k: [(hours.get(r, 0.0) / 3600, v) for r, v in c] for k, c in curves.items()},
                     ylabel=main_metric, xlabel="simulated hours", title=f"{cfg.name}: {cfg.fl.strategy.name}")
+        write_pictures(run_dir, prep, device)
 
     tracker = WandbRun(cfg.tracking.wandb, run_dir, cfg.model_dump(mode="json"), name=run_dir.name,
                        group=cfg.tracking.group, project=cfg.tracking.project)
