@@ -318,8 +318,12 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from cxrfl_ray.predict import predict
 
     result = predict(args.checkpoint, args.input, args.out, batch_size=args.batch_size,
-                     threshold=args.threshold, device=args.device)
+                     threshold=args.threshold, device=args.device, overlay=args.overlay)
     print(f"{result['images']} images -> {Path(result['out']).resolve()} ({len(result['skipped'])} skipped)")
+    if args.overlay and result["task"] != "segmentation":
+        print("--overlay: nothing drawn (a classification checkpoint predicts no masks)")
+    elif result.get("overlays"):
+        print(f"overlays: {Path(result['overlays']).resolve()}")
     for s in result["skipped"][:10]:
         print(f"  skipped {s['path']}: {s['reason']}")
     return 0
@@ -512,6 +516,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--threshold", type=float, default=0.5, help="segmentation probability threshold")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--overlay", type=int, nargs="?", const=16, default=0, metavar="N",
+                   help="also write overlays.png: the predicted lung outline on N inputs drawn from the "
+                        "checkpoint's seed (all if fewer; --overlay alone: 16). A dataset whose rows all have "
+                        "masks adds the true outline and each image's Jaccard at the model's size, worst first. "
+                        "Segmentation checkpoints only")
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("mask", help="cut the lungs out of a dataset's images with a segmentation model")

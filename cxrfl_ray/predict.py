@@ -1,6 +1,7 @@
 """Apply a trained checkpoint to new images: masks as PNGs at the input size, one distinct file
 per input, listed in ``masks.csv`` (segmentation), or class probabilities in a CSV
-(classification). Inputs: a dataset folder, a folder of PNG/JPEG/DICOM files, or one file."""
+(classification). Inputs: a dataset folder, a folder of PNG/JPEG/DICOM files, or one file.
+``overlay`` draws some of the masks on their images (``overlays.png``), to see what was predicted."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import torch.nn.functional as nnf
 from cxrfl_ray.data.imageio import ImageReadError, decode_png, encode_png, read_image
 from cxrfl_ray.data.ingest.lungseg import IMAGE_SUFFIXES
 from cxrfl_ray.data.store import open_dataset
-from cxrfl_ray.data.torch_dataset import model_input
+from cxrfl_ray.data.torch_dataset import ClientImages, model_input
 from cxrfl_ray.data.writer import CARD_NAME
 from cxrfl_ray.tasks.checkpoint import load_checkpoint
 from cxrfl_ray.tasks.training import select_device
@@ -68,13 +69,43 @@ def unique_mask_name(name: str, used: set[str]) -> str:
     return candidate
 
 
+def write_overlays(model, cfg, source: Path, out: Path, rows: list[list], n: int, device) -> Path | None:
+    """``overlays.png``: the written masks' outlines on ``n`` of the inputs, drawn from the
+    checkpoint's seed. A dataset whose every row has a lung mask is scored as the task scores it
+    instead (the model's own input size, ``pictures.segmentation_panels``): the true outline too, each
+    image's Jaccard, worst first. None where matplotlib is missing (said in the log)."""
+    from cxrfl_ray import pictures
+
+    if pictures.pyplot() is None:
+        return None
+    picked = pictures.choose(np.arange(len(rows)), n, cfg.seed)  # dataset inputs: index = row
+    dataset = open_dataset(source) if (source / CARD_NAME).is_file() else None
+    if dataset is not None and dataset.card.get("num_masks", 0) == dataset.num_rows:
+        images = ClientImages(dataset, picked, task="segmentation", size=cfg.data.size, channels=cfg.data.channels,
+                              normalize=cfg.data.normalization)
+        panels = pictures.segmentation_panels(model, images, device)
+    else:
+        if dataset is not None:
+            pixels = [decode_png(b) for b in dataset.take(picked, ["image"]).column("image").to_pylist()]
+        else:
+            pixels = [read_image(source / rows[i][0] if source.is_dir() else source) for i in picked]
+        side = pictures.MAX_SIDE  # inputs may be 3000 px a side: kept at the size drawn
+        panels = pictures.overlay_panels([rows[i][0] for i in picked], [pictures.fit(p, side) for p in pixels],
+                                         [pictures.fit(read_image(out / rows[i][1]) > 127, side) for i in picked])
+    return pictures.draw_overlays(out / "overlays.png", panels, f"{source.name}: {len(panels)} of {len(rows)} images")
+
+
 @torch.no_grad()
 def predict(checkpoint: str | Path, source: str | Path, out: str | Path, batch_size: int = 16,
-            threshold: float = 0.5, device: str = "auto") -> dict:
-    """Run the checkpoint over ``source``; returns a small summary (counts, paths)."""
+            threshold: float = 0.5, device: str = "auto", overlay: int = 0) -> dict:
+    """Run the checkpoint over ``source``; returns a small summary (counts, paths).
+
+    ``overlay``: also draw ``overlays.png`` of this many seeded inputs (segmentation only)."""
     source = Path(source)
     if not source.exists():  # before --out is made: a typo leaves nothing behind
         raise FileNotFoundError(f"input not found: {source}")
+    if overlay < 0:
+        raise ValueError(f"--overlay {overlay}: the number of images to draw must be 0 or more")
     dev = select_device(device)
     model, cfg, meta = load_checkpoint(checkpoint, device=dev)
     model.eval()
@@ -124,6 +155,8 @@ def predict(checkpoint: str | Path, source: str | Path, out: str | Path, batch_s
             writer.writerow(["image", "mask"])
             writer.writerows(rows)
         result["csv"] = str(out / "masks.csv")
+        if overlay and rows:
+            result["overlays"] = write_overlays(model, cfg, source, out, rows, overlay, dev)
     if skipped:
         with open(out / "skipped.csv", "w", newline="") as fh:
             writer = csv.DictWriter(fh, fieldnames=["path", "reason"])
