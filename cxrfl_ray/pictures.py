@@ -28,7 +28,7 @@ from cxrfl_ray.tasks import segmentation
 
 log = logging.getLogger("cxrfl.pictures")
 
-MAX_SIDE = 128  # pixels of an image as drawn: enough to see a contour, small enough for 300 KB
+MAX_SIDE = 128  # pixels a side of an image as drawn (up to 8 panels): enough to see an outline
 DPI = 72
 
 
@@ -155,10 +155,17 @@ def pyplot():
     return plt
 
 
-def draw_overlays(path: str | Path, panels: Sequence[Panel], title: str = "", side: int = MAX_SIDE) -> Path:
+def panel_side(n: int) -> int:
+    """Pixels a side of each of ``n`` panels: eight at ``MAX_SIDE``, more ones smaller (at least
+    48), so a figure's pixels, and its bytes, stay about the same whatever ``n``."""
+    return max(48, min(MAX_SIDE, int(MAX_SIDE * (8 / max(n, 1)) ** 0.5)))
+
+
+def draw_overlays(path: str | Path, panels: Sequence[Panel], title: str = "") -> Path:
     """A grid of the panels (``panel_rgb``), each titled with its id and, where there is ground
     truth, its Jaccard; one image on one axes, so a figure of many panels costs about what one does."""
     plt = pyplot()
+    side = panel_side(len(panels))
     cols = min(4, max(1, len(panels)))
     rows = max(1, -(-len(panels) // cols))
     key = "green: ground truth, red: prediction, yellow: both" if any(p.truth is not None for p in panels) \
