@@ -47,6 +47,27 @@ def test_segmentation_masks_come_back_at_input_size(checkpoints, image_folder, t
         assert [r["path"].endswith("broken.png") for r in csv.DictReader(fh)] == [True]
 
 
+def test_overlay_draws_the_predicted_outlines_of_seeded_inputs(checkpoints, image_folder, tmp_path, phantoms, capsys):
+    from cxrfl_ray.predict import predict
+
+    seg = checkpoints["segmentation"]
+    out = tmp_path / "all"
+    assert cxrfl(["predict", str(seg), str(image_folder), "--out", str(out), "--overlay"]) == 0
+    assert "3 images drawn" in capsys.readouterr().out  # 16 asked, 3 readable inputs
+    assert 0 < (out / "overlays.png").stat().st_size <= 300 * 1024
+    drawn = [predict(seg, image_folder, tmp_path / f"two{k}", overlay=2)["overlays"]["images"] for k in range(2)]
+    assert drawn[0] == drawn[1] and len(drawn[0]) == 2  # the checkpoint's seed: the same two every time
+    assert {d["id"] for d in drawn[0]} < {"a.png", "c.dcm", "sub/b.jpg"}
+    assert all(d["jaccard"] is None for d in drawn[0])  # no ground truth for new images
+    # A dataset with masks: the true outline too, each image's Jaccard, worst first.
+    images = predict(seg, phantoms(n=120, size=64), tmp_path / "ds", overlay=5)["overlays"]["images"]
+    scores = [d["jaccard"] for d in images if d["jaccard"] is not None]
+    assert len(images) == 5 and len(scores) >= 4 and scores == sorted(scores)
+    assert (tmp_path / "ds" / "overlays.png").is_file()
+    assert predict(seg, image_folder, tmp_path / "none").get("overlays") is None  # only when asked
+    assert not (tmp_path / "none" / "overlays.png").exists()
+
+
 def test_classification_writes_probabilities(checkpoints, image_folder, tmp_path, phantoms):
     out = tmp_path / "cls"
     assert cxrfl(["predict", str(checkpoints["classification"]), str(image_folder), "--out", str(out)]) == 0
@@ -80,6 +101,10 @@ def test_bad_checkpoint_and_input_fail_clearly(checkpoints, tmp_path, capsys):
     assert cxrfl(["predict", str(checkpoints["segmentation"]), str(tmp_path / "none"), "--out", str(tmp_path / "o")]) == 2
     assert capsys.readouterr().err == f"cxrfl predict: error: input not found: {tmp_path / 'none'}\n"
     assert not (tmp_path / "o").exists()  # no output folder for an input that is not there
+    assert cxrfl(["predict", str(checkpoints["segmentation"]), str(tmp_path), "--out", str(tmp_path / "o"),
+                  "--overlay", "-1"]) == 2
+    assert "--overlay -1: the number of images to draw must be 0 or more" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
 
 
 def test_train_refuses_bad_configs_before_starting(tmp_path, phantoms, capsys):
