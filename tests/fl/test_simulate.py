@@ -58,7 +58,8 @@ def test_simulation_evaluates_every_round_on_every_view(phantoms, tmp_path, ray_
     assert summary["clients_per_round"] == 2 and summary["client_failures"] == 0
     val = {r["round"]: r["value"] for r in rows if (r["scope"], r["id"], r["metric"]) == ("central", "val", "accuracy")}
     assert summary["best_value"] == max(val.values())
-    for name in ("config.yaml", "best.safetensors", "last.safetensors", "accuracy.png", "state.safetensors"):
+    for name in ("config.yaml", "best.safetensors", "last.safetensors", "accuracy.png", "state.safetensors",
+                 "confusion.png", "roc.png"):
         assert (run / name).is_file()
     # One offline W&B run with the config and per-round metrics, written inside the run folder.
     (wandb_run,) = (run / "wandb").glob("offline-run-*")
@@ -315,7 +316,7 @@ def test_a_diverging_federation_stops_with_one_error_line_and_saves_no_diverged_
     assert "round 1: client 0: update not finite (train loss nan)" in caplog.messages
     assert not any("Traceback" in line for line in err)
     (run,) = tmp_path.glob("sim-fl-*")
-    assert saved_round(run) == 0 and not (run / "summary.json").exists()
+    assert saved_round(run) == 0 and not (run / "summary.json").exists() and not (run / "confusion.png").exists()
     assert json.loads(read_metadata(run / "best.safetensors")["info"])["round"] == 0  # the finite start
 
 
