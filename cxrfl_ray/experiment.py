@@ -129,14 +129,15 @@ def prepare(cfg: ExperimentConfig, role: Role = "simulation") -> Prepared:
                 f"{len(ds.label_names)} classes {ds.label_names}"
             )
     p = cfg.partition
+    seed = cfg.seed if p.seed is None else p.seed  # a sweep's seeds vary the model, not the clients' data
     try:
         if role == "simulation":
-            plan = plan_partition(ds, p.scheme, p.clients, cfg.seed, holdout_sites=cfg.data.holdout_sites,
+            plan = plan_partition(ds, p.scheme, p.clients, seed, holdout_sites=cfg.data.holdout_sites,
                                   train_splits=cfg.data.train_splits, **p.scheme_args())
         elif role == "site":
-            plan = plan_partition(ds, "iid", 1, cfg.seed, train_splits=cfg.data.train_splits)
+            plan = plan_partition(ds, "iid", 1, seed, train_splits=cfg.data.train_splits)
         else:
-            plan = evaluation_plan(ds, cfg.seed, holdout_sites=cfg.data.holdout_sites,
+            plan = evaluation_plan(ds, seed, holdout_sites=cfg.data.holdout_sites,
                                    train_splits=cfg.data.train_splits)
     except PartitionError as exc:
         raise ConfigError(f"{'partition' if role == 'simulation' else f'{role} dataset {ds.path}'}: {exc}") from None

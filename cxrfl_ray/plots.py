@@ -63,3 +63,32 @@ def plot_heatmap(path: str | Path, values, rows: Sequence, cols: Sequence, row_l
     fig.savefig(path)
     plt.close(fig)
     return Path(path)
+
+
+def plot_main_effects(path: str | Path, effects: dict[str, "object"], ylabel: str, title: str = "") -> Path:
+    """One panel per parameter: the mean of the target at each of its values, with the 95%
+    interval as error bars where there is one (``effects``: name -> frame of value, mean, low, high)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, axes = plt.subplots(1, len(effects), figsize=(3.2 * len(effects), 3.2), dpi=100, sharey=True, squeeze=False)
+    for ax, (name, table) in zip(axes[0], effects.items()):
+        x = np.arange(len(table))
+        mean = table["mean"].to_numpy(dtype=float)
+        err = np.vstack([mean - table["low"].to_numpy(dtype=float), table["high"].to_numpy(dtype=float) - mean])
+        if np.isfinite(err).all():
+            ax.errorbar(x, mean, yerr=err, marker="o", capsize=4)
+        else:
+            ax.plot(x, mean, marker="o")
+        ax.set_xticks(x, [str(v)[:18] for v in table["value"]], rotation=30, ha="right", fontsize=8)
+        ax.set_xlabel(name)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel(ylabel)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return Path(path)

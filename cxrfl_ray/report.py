@@ -5,7 +5,10 @@ the final and best value of the sweep's metric (mean and spread over seeds), the
 validation loss, and the rounds needed to reach a threshold (the paper's segmentation table:
 Jaccard 0.92 by local epochs x clients per round). With two swept parameters the rounds table is
 laid out as the paper's grid; every pair of swept parameters gets heatmaps of the final and best
-value, and each configuration a metric-by-round curve. A sweep with DP trials also gets the
+value, and each configuration a metric-by-round curve. "What matters" gives each parameter's share
+of the variance of the final metric and of the rounds to the threshold, main effects with 95%
+intervals over seeds, the strongest interaction and, on a two-parameter grid, whether the rounds
+fall along each axis (``sensitivity.py``; docs/REPORT.md). A sweep with DP trials also gets the
 privacy-utility curve (``privacy_report.py``). ``report.md`` embeds the PNGs; CSVs sit beside it.
 """
 
@@ -19,7 +22,8 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 from cxrfl_ray.config import ConfigError, load_yaml
-from cxrfl_ray.plots import plot_heatmap, plot_series
+from cxrfl_ray.plots import plot_heatmap, plot_main_effects, plot_series
+from cxrfl_ray.sensitivity import Importance, importance, main_effects, monotonic_trend, trend_statement, what_matters
 
 NOT_REACHED = "not reached"
 
@@ -36,8 +40,10 @@ def rounds_to_reach(rounds: list[int], values: list[float], threshold: float, mo
 
 
 def trial_outcomes(trials: pd.DataFrame, metric: str, mode: str, threshold: float | None,
-                   loss: str | None) -> pd.DataFrame:
-    """One row per trial: its parameters, final/best metric, best round, rounds to threshold, min loss."""
+                   loss: str | None, planned: int | None = None) -> pd.DataFrame:
+    """One row per trial: its parameters, final/best metric, best round, rounds to threshold, min loss;
+    with ``planned`` rounds (an early-stopping scheduler), ``stopped_at``: the last round of a trial
+    the scheduler stopped before it, so its "final" is not read as a finished run's."""
     params = [c for c in trials.columns if c.startswith("param:")]
     rows = []
     for trial, group in trials.groupby("trial", sort=True):
@@ -58,6 +64,9 @@ def trial_outcomes(trials: pd.DataFrame, metric: str, mode: str, threshold: floa
                     row["hours_to_threshold"] = None if reached is None else clock.get(reached, 0.0) / 3600
         if loss and loss in group and group[loss].notna().any():
             row["min_loss"] = float(group[loss].min())
+        if planned is not None:
+            rounds = row.get("rounds", 0)
+            row["stopped_at"] = rounds if status == "TERMINATED" and rounds < planned else None
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -99,6 +108,8 @@ def config_table(outcomes: pd.DataFrame, swept: list[str]) -> pd.DataFrame:
         row["seeds"] = len(group)
         if any_failed:
             row["failed"] = int(failed.sum())
+        if "stopped_at" in group and outcomes["stopped_at"].notna().any():
+            row["stopped"] = int(group["stopped_at"].notna().sum())
         for col in ("final", "best", "min_loss"):
             if col in group:
                 row[col] = _mean_spread(group[col])
@@ -138,7 +149,8 @@ def report_sweep(sweep_dir: Path, threshold: float | None = None) -> Path:
     if trials.empty or "round" not in trials:
         raise ConfigError(f"{sweep_dir / TRIALS_FILE}: no trial has reported a round yet")
     loss = f"{metric.rsplit('/', 1)[0]}/loss"
-    outcomes = trial_outcomes(trials, metric, mode, threshold, loss)
+    planned = first.fl.rounds if spec.scheduler.name == "asha" else None
+    outcomes = trial_outcomes(trials, metric, mode, threshold, loss, planned)
     swept = [f"param:{k}" for k in spec.space if f"param:{k}" in outcomes]  # the spec's order
     configs = config_table(outcomes, swept)
     out = sweep_dir / "report"
@@ -149,12 +161,20 @@ def report_sweep(sweep_dir: Path, threshold: float | None = None) -> Path:
     lines = [f"# Sweep {spec.name}", "",
              f"{len(outcomes)} trials ({int((outcomes['status'] == FAILED).sum())} failed), "
              f"{len(configs)} configurations; metric `{metric}` ({mode}).", ""]
-    if threshold is not None and len(swept) == 2 and "rounds_to_threshold" in configs:
-        lines += _rounds_grid(configs, swept, metric, mode, threshold)
-        if "hours_to_threshold" in configs:
-            lines += _rounds_grid(configs, swept, metric, mode, threshold, "hours_to_threshold")
-    lines += [f"## Per configuration (best and final {metric}, lowest `{loss}`)", "",
+    finished = outcomes[outcomes["status"] != FAILED]  # plots and grids show results, not runs that failed
+    if threshold is not None and len(swept) == 2 and "rounds_to_threshold" in finished:
+        lines += _rounds_grid(finished, swept, metric, mode, threshold)
+        if "hours_to_threshold" in finished:
+            lines += _rounds_grid(finished, swept, metric, mode, threshold, "hours_to_threshold")
+    lines += [f"## Per configuration (best and final {metric}, lowest `{loss}`; mean ± sd over `seeds` runs)", "",
               _markdown(configs.rename(columns=_label)), ""]
+    if "stopped_at" in outcomes and outcomes["stopped_at"].notna().any():
+        stopped = outcomes.dropna(subset=["stopped_at"])
+        lines += [f"## Stopped early by ASHA ({len(stopped)} of {len(outcomes)} trials)", "",
+                  f"Their final {metric} is at the round they were stopped, not at round {planned}.", ""]
+        lines += [f"- `{r.trial}`: stopped after round {int(r.stopped_at)} at {r.final:.4f}" for r in stopped.itertuples()]
+        lines += [""]
+    lines += sensitivity_section(out, finished, swept, metric, mode, spec.seeds, threshold, first.fl.rounds)
     if "error" in trials and trials["error"].notna().any():
         failed = trials.dropna(subset=["error"]).drop_duplicates("trial")
         lines += ["## Failed trials", ""] + [f"- `{r.trial}`: {r.error}" for r in failed.itertuples()] + [""]
@@ -163,7 +183,6 @@ def report_sweep(sweep_dir: Path, threshold: float | None = None) -> Path:
     private = privacy_records(sweep_dir, outcomes)
     if uses_privacy(private):  # some trial ran with DP: final metric against epsilon (privacy_report.py)
         lines += privacy_section(out, private, swept, metric, spec.name)
-    finished = outcomes[outcomes["status"] != FAILED]  # plots show results, not runs that failed
     lines += _heatmaps(out, finished, swept, metric)
     if metric in trials and (trials["status"] != FAILED).any():
         lines += _curves(out, trials[trials["status"] != FAILED], swept, metric, spec.name)
@@ -171,16 +190,102 @@ def report_sweep(sweep_dir: Path, threshold: float | None = None) -> Path:
     return out / "report.md"
 
 
-def _rounds_grid(configs: pd.DataFrame, swept: list[str], metric: str, mode: str, threshold: float,
+def _median_range(values: pd.Series, digits: int) -> str:
+    """The paper's grid cell over seeds: median (min–max) of the seeds that reached it, and how many did."""
+    reached = values.dropna().astype(float)
+    if reached.empty:
+        return NOT_REACHED
+    text = f"{reached.median():.{digits}f}"
+    if len(reached) > 1:
+        text += f" ({reached.min():.{digits}f}–{reached.max():.{digits}f})"
+    return text + ("" if len(reached) == len(values) else f" [{len(reached)}/{len(values)} seeds]")
+
+
+def _rounds_grid(outcomes: pd.DataFrame, swept: list[str], metric: str, mode: str, threshold: float,
                  column: str = "rounds_to_threshold") -> list[str]:
-    """The paper's table: rounds (or simulated hours) to the threshold, first swept parameter by the second."""
+    """The paper's table: rounds (or simulated hours) to the threshold, first swept parameter by the
+    second, median and range over seeds; for rounds, whether they fall along each axis."""
     rows_p, cols_p = swept
-    grid = configs.pivot(index=rows_p, columns=cols_p, values=column)
-    grid = grid.reset_index().rename(columns=lambda c: f"{_label(cols_p)}={c}" if c != rows_p else _label(rows_p))
+    digits = 0 if column == "rounds_to_threshold" else 3
+    cells = outcomes.groupby([rows_p, cols_p], sort=True)[column]
+    grid = cells.apply(lambda v: _median_range(v, digits)).unstack(cols_p)
+    shown = grid.reset_index().rename(columns=lambda c: f"{_label(cols_p)}={c}" if c != rows_p else _label(rows_p))
     what = "Rounds" if column == "rounds_to_threshold" else "Simulated hours"
-    return [f"## {what} to reach {metric} {'≥' if mode == 'max' else '≤'} {threshold}", "",
-            f"Rows: {_label(rows_p)}; columns: {_label(cols_p)}; mean ± spread over seeds.", "",
-            _markdown(grid.fillna("")), ""]
+    lines = [f"## {what} to reach {metric} {'≥' if mode == 'max' else '≤'} {threshold}", "",
+             f"Rows: {_label(rows_p)}; columns: {_label(cols_p)}; median (range) over seeds.", "",
+             _markdown(shown.fillna("")), ""]
+    numeric = all(pd.api.types.is_numeric_dtype(outcomes[p]) for p in swept)
+    if column == "rounds_to_threshold" and numeric:  # the paper's trend: more work per round, fewer rounds
+        medians = cells.apply(lambda v: v.astype(float).median() if v.notna().all() else np.nan).unstack(cols_p)
+        trend = monotonic_trend(medians, _label(rows_p), _label(cols_p))
+        lines += ["**Trend.** " + trend_statement(trend, f"Median rounds to {threshold}"), ""]
+    return lines
+
+
+SENSITIVITY_TARGETS = {"final": "the final {metric}", "rounds_to_threshold": "rounds to {metric} {op} {threshold}"}
+
+
+def sensitivity_section(out: Path, outcomes: pd.DataFrame, swept: list[str], metric: str, mode: str, seeds: int,
+                        threshold: float | None, rounds: int) -> list[str]:
+    """"What matters": each swept parameter's share of the variance of the final metric and of the
+    rounds to the threshold (sensitivity.py), the main effects with intervals, the strongest interaction."""
+    if not swept or len(outcomes) < 2:
+        return []
+    frame = outcomes.copy()
+    if "rounds_to_threshold" in frame:  # a run that never reached it needed more than all its rounds
+        frame["rounds_to_threshold"] = frame["rounds_to_threshold"].astype(float).fillna(rounds + 1)
+    lines, shares = ["## What matters", ""], []
+    op = "≥" if mode == "max" else "≤"
+    for target, name in SENSITIVITY_TARGETS.items():
+        if target not in frame or frame[target].isna().all():
+            continue
+        imp = importance(frame, swept, target)
+        if imp is None:
+            text = name.format(metric=f"`{metric}`", op=op, threshold=threshold)
+            lines += [f"{text[0].upper()}{text[1:]} is the same in every trial: no parameter explains anything.", ""]
+            continue
+        label = name.format(metric=f"`{metric}`", op=op, threshold=threshold)
+        lines += [what_matters(_labelled(imp), label), ""]
+        shares += [{"target": target, "term": _label(p), "share": v} for p, v in imp.main.items()]
+        shares += [{"target": target, "term": f"{_label(a)} x {_label(b)}", "share": v} for (a, b), v in imp.pairs.items()]
+        if imp.residual is not None:
+            shares.append({"target": target, "term": "residual", "share": imp.residual})
+        if target == "final":
+            lines += _effects(out, frame, swept, target, metric, seeds, imp)
+    if threshold is not None and "rounds_to_threshold" in frame:
+        lines += [f"Trials that never reached {threshold} count as {rounds + 1} rounds.", ""]
+    if shares:
+        pd.DataFrame(shares).to_csv(out / "importance.csv", index=False)
+    return lines
+
+
+def _labelled(imp: Importance) -> Importance:
+    return Importance(imp.method, {_label(p): v for p, v in imp.main.items()},
+                      {(_label(a), _label(b)): v for (a, b), v in imp.pairs.items()}, imp.residual)
+
+
+def _effects(out: Path, frame: pd.DataFrame, swept: list[str], target: str, metric: str, seeds: int,
+             imp: Importance) -> list[str]:
+    """The main-effects PNG and table, and the strongest pair's heatmap."""
+    effects = main_effects(frame, swept, target, seeds)
+    plot_main_effects(out / "main_effects.png", {_label(e.param): e.table for e in effects}, ylabel=f"final {metric}",
+                      title="mean ± 95% interval over seeds and the other parameters" if seeds > 1 else
+                      "mean over the other parameters (one seed: no interval)")
+    rows = [{"parameter": _label(e.param), "value": r.value, "mean": round(r.mean, 4),
+             "95% interval": "" if np.isnan(r.low) else f"{r.low:.4f} – {r.high:.4f}", "n": r.n}
+            for e in effects for r in e.table.itertuples()]
+    lines = ["### Main effects (final value)", "",
+             ("Mean over every trial with that value, 95% t-interval over the seeds and the other parameters."
+              if seeds > 1 else "One seed per configuration: intervals are not drawn (run with `seeds: N` for them)."),
+             "", _markdown(pd.DataFrame(rows)), "", "![main effects](main_effects.png)", ""]
+    pair = imp.strongest_pair()
+    if pair is not None:
+        a, b = pair
+        cell = frame.groupby([a, b])[target].mean().unstack(b)
+        plot_heatmap(out / "interaction.png", cell.to_numpy(), list(cell.index), list(cell.columns), _label(a),
+                     _label(b), title=f"final {metric}: strongest interaction ({imp.pairs[pair]:.0%} of the variance)")
+        lines += [f"Strongest interaction: {_label(a)} × {_label(b)}.", "", "![interaction](interaction.png)", ""]
+    return lines
 
 
 def _heatmaps(out: Path, outcomes: pd.DataFrame, swept: list[str], metric: str) -> list[str]:

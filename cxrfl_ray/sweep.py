@@ -85,6 +85,9 @@ class SweepSpec(TrialsSpec):
     mode: Literal["max", "min"] | None = None
     scheduler: SchedulerSpec = Field(default_factory=SchedulerSpec)
     threshold: float | None = Field(None, description="report: rounds to reach this metric value")
+    partition_seed: Literal["fixed", "vary"] = Field(
+        "fixed", description="fixed: every seed trains on the same clients' data (partition.seed = the base seed), "
+                             "so seeds measure the model's and selection's randomness; vary: the partition changes too")
 
     @field_validator("space")
     @classmethod
@@ -189,8 +192,11 @@ def apply_params(base: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]
 
 def trial_config(spec: SweepSpec, params: dict[str, Any], source: str = "trial") -> ExperimentConfig:
     def data() -> dict[str, Any]:
-        out = apply_params(base_config(spec), params)
+        base = base_config(spec)
+        out = apply_params(base, params)
         out.setdefault("tracking", {})["group"] = spec.name
+        if spec.partition_seed == "fixed":  # a user's own partition.seed is kept
+            out.setdefault("partition", {}).setdefault("seed", base.get("seed", 0))
         return out
 
     return config_from(data, source)
