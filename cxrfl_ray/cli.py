@@ -322,8 +322,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     print(f"{result['images']} images -> {Path(result['out']).resolve()} ({len(result['skipped'])} skipped)")
     if args.overlay and result["task"] != "segmentation":
         print("--overlay: nothing drawn (a classification checkpoint predicts no masks)")
-    elif result.get("overlays"):
-        print(f"overlays: {Path(result['overlays']).resolve()}")
+    elif "overlays" in result:
+        print(f"{len(result['overlays']['images'])} images drawn -> {Path(result['overlays']['path']).resolve()}")
     for s in result["skipped"][:10]:
         print(f"  skipped {s['path']}: {s['reason']}")
     return 0
@@ -518,7 +518,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--overlay", type=int, nargs="?", const=16, default=0, metavar="N",
                    help="also write overlays.png: the predicted lung outline on N inputs drawn from the "
-                        "checkpoint's seed (all if fewer; --overlay alone: 16). A dataset whose rows all have "
+                        "checkpoint's seed (all if fewer; at most 16; --overlay alone: 16). A dataset whose rows all have "
                         "masks adds the true outline and each image's Jaccard at the model's size, worst first. "
                         "Segmentation checkpoints only")
     p.set_defaults(func=cmd_predict)

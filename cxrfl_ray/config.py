@@ -199,9 +199,10 @@ class TrackingConfig(Section):
     wandb: Literal["offline", "online", "disabled"] = "offline"
     project: str = "cxrfl-ray"
     group: str | None = Field(None, description="W&B group (a sweep groups its trials by its name)")
-    pictures: Count = Field(8, ge=0, description="seeded test images drawn with their predicted and true lung "
-                                                "contours in the run folder's overlays.png (segmentation; "
-                                                "classification writes confusion.png and roc.png); 0 draws none")
+    pictures: Count = Field(8, ge=0, le=16, description="seeded test images drawn with their predicted and true "
+                                                       "lung outlines in the run folder's overlays.png "
+                                                       "(segmentation; classification writes confusion.png and "
+                                                       "roc.png); 0 draws none")
 
 
 class AdaptiveClipConfig(Section):

@@ -20,6 +20,7 @@ from cxrfl_ray.data.ingest.lungseg import IMAGE_SUFFIXES
 from cxrfl_ray.data.store import open_dataset
 from cxrfl_ray.data.torch_dataset import ClientImages, model_input
 from cxrfl_ray.data.writer import CARD_NAME
+from cxrfl_ray.pictures import MAX_PANELS
 from cxrfl_ray.tasks.checkpoint import load_checkpoint
 from cxrfl_ray.tasks.training import select_device
 
@@ -69,11 +70,12 @@ def unique_mask_name(name: str, used: set[str]) -> str:
     return candidate
 
 
-def write_overlays(model, cfg, source: Path, out: Path, rows: list[list], n: int, device) -> Path | None:
+def write_overlays(model, cfg, source: Path, out: Path, rows: list[list], n: int, device) -> list | None:
     """``overlays.png``: the written masks' outlines on ``n`` of the inputs, drawn from the
     checkpoint's seed. A dataset whose every row has a lung mask is scored as the task scores it
     instead (the model's own input size, ``pictures.segmentation_panels``): the true outline too, each
-    image's Jaccard, worst first. None where matplotlib is missing (said in the log)."""
+    image's Jaccard, worst first. Returns the panels in drawn order; None where matplotlib is
+    missing (said in the log)."""
     from cxrfl_ray import pictures
 
     if pictures.pyplot() is None:
@@ -92,7 +94,8 @@ def write_overlays(model, cfg, source: Path, out: Path, rows: list[list], n: int
         side = pictures.MAX_SIDE  # inputs may be 3000 px a side: kept at the size drawn
         panels = pictures.overlay_panels([rows[i][0] for i in picked], [pictures.fit(p, side) for p in pixels],
                                          [pictures.fit(read_image(out / rows[i][1]) > 127, side) for i in picked])
-    return pictures.draw_overlays(out / "overlays.png", panels, f"{source.name}: {len(panels)} of {len(rows)} images")
+    pictures.draw_overlays(out / "overlays.png", panels, f"{source.name}: {len(panels)} of {len(rows)} images")
+    return panels
 
 
 @torch.no_grad()
@@ -104,8 +107,8 @@ def predict(checkpoint: str | Path, source: str | Path, out: str | Path, batch_s
     source = Path(source)
     if not source.exists():  # before --out is made: a typo leaves nothing behind
         raise FileNotFoundError(f"input not found: {source}")
-    if overlay < 0:
-        raise ValueError(f"--overlay {overlay}: the number of images to draw must be 0 or more")
+    if not 0 <= overlay <= MAX_PANELS:
+        raise ValueError(f"--overlay {overlay}: the number of images to draw must be 0 to {MAX_PANELS}")
     dev = select_device(device)
     model, cfg, meta = load_checkpoint(checkpoint, device=dev)
     model.eval()
@@ -155,8 +158,10 @@ def predict(checkpoint: str | Path, source: str | Path, out: str | Path, batch_s
             writer.writerow(["image", "mask"])
             writer.writerows(rows)
         result["csv"] = str(out / "masks.csv")
-        if overlay and rows:
-            result["overlays"] = write_overlays(model, cfg, source, out, rows, overlay, dev)
+        panels = write_overlays(model, cfg, source, out, rows, overlay, dev) if overlay and rows else None
+        if panels is not None:
+            result["overlays"] = {"path": str(out / "overlays.png"),
+                                  "images": [{"id": p.id, "jaccard": p.jaccard} for p in panels]}
     if skipped:
         with open(out / "skipped.csv", "w", newline="") as fh:
             writer = csv.DictWriter(fh, fieldnames=["path", "reason"])

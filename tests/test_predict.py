@@ -102,8 +102,8 @@ def test_bad_checkpoint_and_input_fail_clearly(checkpoints, tmp_path, capsys):
     assert capsys.readouterr().err == f"cxrfl predict: error: input not found: {tmp_path / 'none'}\n"
     assert not (tmp_path / "o").exists()  # no output folder for an input that is not there
     assert cxrfl(["predict", str(checkpoints["segmentation"]), str(tmp_path), "--out", str(tmp_path / "o"),
-                  "--overlay", "-1"]) == 2
-    assert "--overlay -1: the number of images to draw must be 0 or more" in capsys.readouterr().err
+                  "--overlay", "17"]) == 2
+    assert "--overlay 17: the number of images to draw must be 0 to 16" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
 
 
