@@ -82,11 +82,11 @@ def test_dry_run_cost_counts_each_grid_point_from_the_spec(tmp_path, phantoms):
     path.write_text(yaml.safe_dump(data))
     rows = estimate_cost(load_spec(path), throughput=100.0)
     assert sorted((r["train.epochs"], r["fl.clients_per_round"]) for r in rows) == [(1, 1), (1, 2), (2, 1), (2, 2)]
-    for r in rows:  # smoke base: 3 rounds, 2 steps of batch 8, 0.5 CPU per client, 0.5 for the driver
+    for r in rows:  # smoke base: 3 rounds, 4 steps of batch 8, 0.5 CPU per client, 0.5 for the driver
         cohort, epochs = r["fl.clients_per_round"], r["train.epochs"]
         assert r["trials"] == 3 and r["gpus_per_trial"] == 0
         assert r["cpus_per_trial"] == 0.5 + 0.5 * cohort
-        assert r["train_images"] == 3 * cohort * epochs * 2 * 8
+        assert r["train_images"] == 3 * cohort * epochs * 4 * 8
         eval_images = r["eval_images"]
         assert eval_images % 4 == 0 and 0 < eval_images / 4 < 120  # rounds 0..3 over the central/site rows
         seconds = r["train_images"] / cohort / 100.0 + eval_images / 300.0
@@ -120,10 +120,16 @@ def test_smoke_sweep_writes_every_trial_round_and_a_report_that_matches(smoke_sw
     for run, epochs in trained.groupby("run_dir")["param:train.epochs"].first().items():
         clients = pq.read_table(Path(run) / "metrics.parquet").to_pandas()
         steps = clients[(clients["scope"] == "client") & (clients["metric"] == "steps")]["value"]
-        assert set(steps) == {2 * epochs}
+        assert set(steps) == {4 * epochs}
 
     md = report(sweep)
     configs = pd.read_csv(md.parent / "configs.csv")
+    # The first sweep a user sees learns: every trial's best round is after round 0, and more local
+    # epochs give a better final model at each cohort size.
+    outcomes = pd.read_csv(md.parent / "trials.csv")
+    assert (outcomes["best_round"] > 0).all()
+    final = outcomes.set_index(["train.epochs", "fl.clients_per_round"])["final"]
+    assert final[(2, 1)] > final[(1, 1)] and final[(2, 2)] > final[(1, 2)]
     metric, threshold = "central/val/jaccard", spec.threshold
     for row in configs.itertuples():
         mine = trials[(trials["param:train.epochs"] == row[1]) & (trials["param:fl.clients_per_round"] == row[2])]
@@ -133,7 +139,8 @@ def test_smoke_sweep_writes_every_trial_round_and_a_report_that_matches(smoke_sw
         reached = rounds_to_reach(series["round"].tolist(), series[metric].tolist(), threshold, "max")
         assert row.rounds_to_threshold == (NOT_REACHED if reached is None else f"{reached:.1f}")
     text = md.read_text()
-    assert "## Rounds to reach central/val/jaccard ≥ 0.5" in text and "| train.epochs | fl.clients_per_round=1 |" in text
+    assert "## Rounds to reach central/val/jaccard ≥ 0.4" in text and "| train.epochs | fl.clients_per_round=1 |" in text
+    assert "**Trend.** Median rounds to 0.4" in text and "For the final `central/val/jaccard`, train.epochs" in text
     for png in ("curves.png", "heatmap_final_train.epochs_x_fl.clients_per_round.png"):
         assert (md.parent / png).stat().st_size > 1000 and f"]({png})" in text
 
@@ -244,3 +251,61 @@ def test_a_trial_whose_run_fails_is_failed_and_a_finished_one_is_not_rerun_or_re
     assert finished.stat().st_mtime_ns == written
     assert again.loc[0.0, ["status", "finished", "attempts"]].tolist() == ["TERMINATED", True, 1]
     assert again.loc[0.99, ["status", "attempts"]].tolist() == ["ERROR", 2]  # it ran (and failed) again
+
+
+@pytest.mark.timeout(600)
+def test_asha_stops_a_weak_trial_early_and_the_report_shows_it_stopped(tmp_path, phantoms, ray_session):
+    """Two trials, one at a time: lr 0.01 learns, lr 1e-7 cannot. ASHA (grace 1, factor 2) has the
+    first trial's round-1 result at its rung when the second reaches round 1, and stops it there."""
+    spec = tiny_spec(tmp_path, phantoms(n=120, size=48), space={"train.lr": {"grid": [0.01, 1e-7]}},
+                     scheduler={"name": "asha", "grace_period": 1, "reduction_factor": 2})
+    data = yaml.safe_load(spec.read_text())
+    data["base"]["fl"]["rounds"] = 3
+    spec.write_text(yaml.safe_dump(data))
+    sweep = run_sweep(spec, out=tmp_path / "sweep", quiet=True)
+    trials = pq.read_table(sweep / "trials.parquet").to_pandas()
+    last = trials.groupby("param:train.lr")["round"].max()
+    assert last.to_dict() == {1e-7: 1, 0.01: 3} and set(trials["status"]) == {"TERMINATED"}
+    text = report(sweep).read_text()
+    weak = trials.loc[trials["param:train.lr"] == 1e-7, "trial"].iloc[0]
+    assert "## Stopped early by ASHA (1 of 2 trials)" in text and f"- `{weak}`: stopped after round 1" in text
+
+
+@pytest.mark.timeout(600)
+def test_optuna_searches_the_space_through_ray_tune_with_its_seed(tmp_path, phantoms, ray_session):
+    """Optuna's TPE (installed with the project) proposes each trial's point inside the space;
+    the report ranks the parameters with Optuna's fANOVA (not a grid)."""
+    space = {"train.lr": {"loguniform": [0.001, 0.05]}, "train.epochs": {"choice": [1, 2]}}
+    spec = tiny_spec(tmp_path, phantoms(n=120, size=48), space=space, search="optuna", num_samples=4)
+    sweep = run_sweep(spec, out=tmp_path / "sweep", quiet=True)
+    trials = pq.read_table(sweep / "trials.parquet").to_pandas().drop_duplicates("trial")
+    assert len(trials) == 4 and set(trials["status"]) == {"TERMINATED"}
+    assert trials["param:train.lr"].between(0.001, 0.05).all() and trials["param:train.lr"].nunique() == 4
+    assert set(trials["param:train.epochs"]) <= {1, 2}
+    for run, epochs in trials.set_index("run_dir")["param:train.epochs"].items():  # each trial ran its point
+        assert yaml.safe_load((Path(run) / "config.yaml").read_text())["train"]["epochs"] == epochs
+    text = report(sweep).read_text()
+    assert "Optuna's fANOVA importance (not a full grid; main effects only)" in text
+
+
+def test_seeds_vary_the_model_and_selection_but_not_the_partition_unless_asked(tmp_path, phantoms):
+    from cxrfl_ray.experiment import prepare
+    from cxrfl_ray.sweep import trial_config
+
+    data = yaml.safe_load(SMOKE.read_text())
+    data["base"]["data"]["path"] = str(phantoms(n=120, size=48))
+    data["base"]["partition"] = {"clients": 3, "scheme": "dirichlet", "alpha": 0.5}
+    plans = {}
+    for mode in ("fixed", "vary"):
+        spec = load_spec(_write(tmp_path / f"{mode}.yaml", {**data, "seeds": 2, "partition_seed": mode}))
+        for seed in (0, 1):
+            cfg = trial_config(spec, {"seed": seed})
+            assert cfg.seed == seed
+            plans[(mode, seed)] = [list(map(int, rows)) for rows in prepare(cfg).plan.clients]
+    assert plans[("fixed", 0)] == plans[("fixed", 1)] == plans[("vary", 0)]
+    assert plans[("vary", 1)] != plans[("vary", 0)]
+
+
+def _write(path: Path, data: dict) -> Path:
+    path.write_text(yaml.safe_dump(data))
+    return path
