@@ -119,7 +119,12 @@ def check_resume(run_dir: Path, cfg: Any) -> None:
                           f"restore it, or start a new run")
     if hashlib.sha256(canonical_config(cfg).encode()).hexdigest() == meta["config_sha256"]:
         return
-    changes = config_changes(saved, cfg.model_dump(mode="json"), ignore=("out_dir",))  # out_dir: unused on resume
+    try:  # a field added to the schema after the run started reads as its default, not as a change
+        saved = type(cfg).model_validate(saved).model_dump(mode="json")
+    except ValueError:
+        pass
+    # out_dir is unused on resume; the pictures drawn at the end do not touch the rounds
+    changes = config_changes(saved, cfg.model_dump(mode="json"), ignore=("out_dir", "tracking.pictures"))
     rounds = changes.get("fl.rounds")
     if rounds is not None and rounds[1] > rounds[0] and cfg.train.lr_schedule == "constant":
         changes.pop("fl.rounds")

@@ -135,6 +135,25 @@ def test_resume_refuses_an_edited_config_and_names_each_changed_field(tmp_path):
     check_resume(run, edited(cfg, out_dir=str(tmp_path / "moved")))  # out_dir is not used by a resume
 
 
+def test_a_run_saved_before_a_config_field_existed_resumes_and_the_pictures_count_may_change(tmp_path, monkeypatch):
+    """The saved fingerprint lacks tracking.pictures and partition.seed (added later): at their
+    defaults they are no change; a changed partition seed still is; pictures never touch the rounds."""
+    import json
+
+    import cxrfl_ray.fl.state as state
+
+    cfg, run = fingerprinted_run(tmp_path)
+    older = cfg.model_dump(mode="json")
+    del older["tracking"]["pictures"], older["partition"]["seed"]
+    monkeypatch.setattr(state, "canonical_config", lambda c: json.dumps(older, sort_keys=True))
+    save_state(run, 2, ArrayRecord({"w": torch.zeros(3)}), object(), {"best": 0.5, "best_round": 2}, cfg)
+    monkeypatch.undo()
+    check_resume(run, cfg)
+    check_resume(run, edited(cfg, tracking={"pictures": 0}))
+    with pytest.raises(ConfigError, match=r"\(partition.seed: None -> 3\)"):
+        check_resume(run, edited(cfg, partition={"seed": 3}))
+
+
 def test_resume_allows_more_rounds_and_says_so_unless_the_rate_follows_the_rounds(tmp_path, caplog):
     cfg, run = fingerprinted_run(tmp_path)
     with caplog.at_level(logging.WARNING, logger="cxrfl.fl"):
