@@ -12,9 +12,9 @@ from cxrfl_ray.baseline import run_training
 from cxrfl_ray.config import build_config
 
 
-def train(tmp_path, data, **sections):
+def train(tmp_path, data, size=128, **sections):
     base = {"name": "t", "out_dir": str(tmp_path), "seed": 0,
-            "data": {"path": str(data), "size": 128, "augment": False}}
+            "data": {"path": str(data), "size": size, "augment": False}}
     for key, value in sections.items():
         base[key] = {**base.get(key, {}), **value} if isinstance(value, dict) else value
     run = run_training(build_config(base), quiet=True)
@@ -22,8 +22,8 @@ def train(tmp_path, data, **sections):
 
 
 def test_unet_resnet18_segments_phantom_lungs(tmp_path, phantoms):
-    data = phantoms(n=700, size=128, seed=1)
-    run, summary = train(tmp_path, data, task="segmentation", model={"name": "unet-resnet18"},
+    data = phantoms(n=400, size=64, seed=1)
+    run, summary = train(tmp_path, data, 64, task="segmentation", model={"name": "unet-resnet18"},
                          train={"optimizer": "adam", "lr": 3e-3, "batch_size": 8, "steps": 50,
                                 "lr_schedule": "cosine", "eval_batch_size": 16})
     assert summary["test"]["central:test"]["jaccard"] >= 0.85
@@ -32,11 +32,11 @@ def test_unet_resnet18_segments_phantom_lungs(tmp_path, phantoms):
 
 
 def test_resnet18_classifies_phantoms_and_beats_a_one_conv_model(tmp_path, phantoms):
-    data = phantoms(n=1500, size=128, seed=2)
-    _, real = train(tmp_path, data, model={"name": "resnet18"},
+    data = phantoms(n=1500, size=64, seed=2)
+    _, real = train(tmp_path, data, 64, model={"name": "resnet18"},
                     train={"optimizer": "adam", "lr": 1e-3, "batch_size": 10, "steps": 100,
                            "lr_schedule": "cosine", "eval_batch_size": 50})
-    _, tiny = train(tmp_path, data, model={"name": "tiny-conv"},
+    _, tiny = train(tmp_path, data, 64, model={"name": "tiny-conv"},
                     train={"optimizer": "adam", "lr": 1e-2, "batch_size": 32, "steps": 150, "eval_batch_size": 100})
     acc, floor = real["test"]["central:test"]["accuracy"], tiny["test"]["central:test"]["accuracy"]
     assert acc >= 0.80, real["test"]["central:test"]
