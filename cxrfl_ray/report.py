@@ -245,7 +245,9 @@ def sensitivity_section(out: Path, outcomes: pd.DataFrame, swept: list[str], met
             lines += [f"{text[0].upper()}{text[1:]} is the same in every trial: no parameter explains anything.", ""]
             continue
         label = name.format(metric=f"`{metric}`", op=op, threshold=threshold)
-        lines += [what_matters(_labelled(imp), label), ""]
+        caveat = " With one seed per configuration, seed noise is inside these shares." \
+            if seeds == 1 and imp.method == "anova" else ""
+        lines += [what_matters(_labelled(imp), label) + caveat, ""]
         shares += [{"target": target, "term": _label(p), "share": v} for p, v in imp.main.items()]
         shares += [{"target": target, "term": f"{_label(a)} x {_label(b)}", "share": v} for (a, b), v in imp.pairs.items()]
         if imp.residual is not None:

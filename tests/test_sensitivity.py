@@ -147,6 +147,8 @@ def test_with_one_seed_the_report_draws_no_interval_and_says_so(tmp_path):
     sweep = _write_sweep(tmp_path, {k: 0.5 + 0.1 * k[0] + 0.01 * k[1] for k in cells}, dict.fromkeys(cells, 1), seeds=1)
     text = report(sweep).read_text()
     assert "One seed per configuration: intervals are not drawn" in text
+    assert "(exact variance decomposition of the full grid). With one seed per configuration, seed noise is " \
+           "inside these shares." in text
     assert "Rounds to `central/val/jaccard` ≥ 0.8 is the same in every trial" in text
 
 

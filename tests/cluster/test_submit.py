@@ -107,13 +107,15 @@ def test_smoke_sweep_submitted_to_a_two_node_cluster(two_node_cluster, tmp_path,
                   "--remote-root", str(tmp_path / "cluster-home"), "--",
                   "sweep", "tune_configs/smoke.yaml", "--out", str(remote), "--quiet",
                   "--set", f"base.data.path={tmp_path / 'phantoms'}", "--set", "base.fl.rounds=2",
+                  "--set", "space={train.epochs: {grid: [1]}, fl.clients_per_round: {grid: [1, 2]}}",
                   "--set", "base.tracking.wandb=disabled"])
     out = capsys.readouterr().out
     assert code == 0, out[-3000:]
     assert re.search(r"submitted job \S+ to http://127.0.0.1:\d+", out)
     assert "report:" in out  # the job's own output was followed
     trials = pq.read_table(fetched / "trials.parquet").to_pandas()
-    assert trials["trial"].nunique() == 4 and set(trials["status"]) == {"TERMINATED"}
+    assert trials["trial"].nunique() == 2 and set(trials["status"]) == {"TERMINATED"}
+    assert sorted(trials.drop_duplicates("trial")["param:fl.clients_per_round"]) == [1, 2]
     assert sorted(trials["round"].dropna().unique().tolist()) == [0, 1, 2]
     assert (fetched / "report" / "report.md").is_file() and not list(fetched.rglob("*.safetensors"))
     # Trials that need 1.5 CPUs cannot fit one 1-CPU node: their client actors spread over both.
