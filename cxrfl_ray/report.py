@@ -129,6 +129,11 @@ def _markdown(frame: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
+def _none_shown(frame: pd.DataFrame, params: list[str]) -> pd.DataFrame:
+    """A swept value of null (``fl.deadline_s: null``: no deadline) reads ``none``, not a blank cell."""
+    return frame.assign(**{p: frame[p].astype(object).where(frame[p].notna(), "none") for p in params if p in frame})
+
+
 def _label(param: str) -> str:
     return param.removeprefix("param:")
 
@@ -167,7 +172,7 @@ def report_sweep(sweep_dir: Path, threshold: float | None = None) -> Path:
         if "hours_to_threshold" in finished:
             lines += _rounds_grid(finished, swept, metric, mode, threshold, "hours_to_threshold")
     lines += [f"## Per configuration (best and final {metric}, lowest `{loss}`; mean ± sd over `seeds` runs)", "",
-              _markdown(configs.rename(columns=_label)), ""]
+              _markdown(_none_shown(configs, swept).rename(columns=_label)), ""]
     if "stopped_at" in outcomes and outcomes["stopped_at"].notna().any():
         stopped = outcomes.dropna(subset=["stopped_at"])
         lines += [f"## Stopped early by ASHA ({len(stopped)} of {len(outcomes)} trials)", "",
@@ -222,7 +227,8 @@ def _rounds_grid(outcomes: pd.DataFrame, swept: list[str], metric: str, mode: st
     return lines
 
 
-SENSITIVITY_TARGETS = {"final": "the final {metric}", "rounds_to_threshold": "rounds to {metric} {op} {threshold}"}
+SENSITIVITY_TARGETS = {"final": "the final {metric}", "rounds_to_threshold": "rounds to {metric} {op} {threshold}",
+                       "hours_to_threshold": "simulated hours to {metric} {op} {threshold}"}
 
 
 def sensitivity_section(out: Path, outcomes: pd.DataFrame, swept: list[str], metric: str, mode: str, seeds: int,
@@ -232,12 +238,17 @@ def sensitivity_section(out: Path, outcomes: pd.DataFrame, swept: list[str], met
     if not swept or len(outcomes) < 2:
         return []
     frame = outcomes.copy()
+    never = int(frame["rounds_to_threshold"].isna().sum()) if "rounds_to_threshold" in frame else 0
     if "rounds_to_threshold" in frame:  # a run that never reached it needed more than all its rounds
         frame["rounds_to_threshold"] = frame["rounds_to_threshold"].astype(float).fillna(rounds + 1)
     lines, shares = ["## What matters", ""], []
     op = "≥" if mode == "max" else "≤"
     for target, name in SENSITIVITY_TARGETS.items():
         if target not in frame or frame[target].isna().all():
+            continue
+        if target == "hours_to_threshold" and frame[target].isna().any():  # no clock reading for "never"
+            lines += [f"Simulated hours are not ranked: {int(frame[target].isna().sum())} trial(s) never reached "
+                      f"{threshold}.", ""]
             continue
         imp = importance(frame, swept, target)
         if imp is None:
@@ -254,8 +265,8 @@ def sensitivity_section(out: Path, outcomes: pd.DataFrame, swept: list[str], met
             shares.append({"target": target, "term": "residual", "share": imp.residual})
         if target == "final":
             lines += _effects(out, frame, swept, target, metric, seeds, imp)
-    if threshold is not None and "rounds_to_threshold" in frame:
-        lines += [f"Trials that never reached {threshold} count as {rounds + 1} rounds.", ""]
+    if never:
+        lines += [f"The {never} trial(s) that never reached {threshold} count as {rounds + 1} rounds.", ""]
     if shares:
         pd.DataFrame(shares).to_csv(out / "importance.csv", index=False)
     return lines
@@ -273,7 +284,7 @@ def _effects(out: Path, frame: pd.DataFrame, swept: list[str], target: str, metr
     plot_main_effects(out / "main_effects.png", {_label(e.param): e.table for e in effects}, ylabel=f"final {metric}",
                       title="mean ± 95% interval over seeds and the other parameters" if seeds > 1 else
                       "mean over the other parameters (one seed: no interval)")
-    rows = [{"parameter": _label(e.param), "value": r.value, "mean": round(r.mean, 4),
+    rows = [{"parameter": _label(e.param), "value": "none" if pd.isna(r.value) else r.value, "mean": round(r.mean, 4),
              "95% interval": "" if np.isnan(r.low) else f"{r.low:.4f} – {r.high:.4f}", "n": r.n}
             for e in effects for r in e.table.itertuples()]
     lines = ["### Main effects (final value)", "",

@@ -200,7 +200,7 @@ def what_matters(imp: Importance, target: str) -> str:
         text += "; " + "; ".join(parts[1:])
     pair = imp.strongest_pair()
     if pair is not None:
-        text += f"; their strongest interaction, {pair[0]} × {pair[1]}, {imp.pairs[pair]:.0%}"
+        text += f"; the strongest interaction, {pair[0]} × {pair[1]}, {imp.pairs[pair]:.0%}"
     if imp.residual is not None:
         text += f"; the rest (seed noise and higher-order interactions) {imp.residual:.0%}"
     how = ("exact variance decomposition of the full grid" if imp.method == "anova"

@@ -132,7 +132,7 @@ def test_the_report_says_what_matters_with_intervals_the_median_grid_and_the_tre
             "0.8 do not fall monotonically as fl.clients_per_round grows. Cells that break it: "
             "(train.epochs=2, fl.clients_per_round=2): not reached after 2 at train.epochs=1; "
             "(train.epochs=2, fl.clients_per_round=2): not reached after 1 at fl.clients_per_round=1.") in text
-    assert "Trials that never reached 0.8 count as 5 rounds." in text
+    assert "The 1 trial(s) that never reached 0.8 count as 5 rounds." in text
     # Main effects: the epochs=1 mean 0.6 over 4 trials (0.59 x 2, 0.61 x 2), t(0.975, 3) interval.
     half = 3.182446 * np.std([0.59, 0.59, 0.61, 0.61], ddof=1) / 2
     assert f"| train.epochs | 1 | 0.6 | {0.6 - half:.4f} – {0.6 + half:.4f} | 4 |" in text
@@ -146,7 +146,7 @@ def test_with_one_seed_the_report_draws_no_interval_and_says_so(tmp_path):
     cells = list(itertools.product([1, 2], [1, 2], [0]))
     sweep = _write_sweep(tmp_path, {k: 0.5 + 0.1 * k[0] + 0.01 * k[1] for k in cells}, dict.fromkeys(cells, 1), seeds=1)
     text = report(sweep).read_text()
-    assert "One seed per configuration: intervals are not drawn" in text
+    assert "One seed per configuration: intervals are not drawn" in text and "never reached" not in text
     assert "(exact variance decomposition of the full grid). With one seed per configuration, seed noise is " \
            "inside these shares." in text
     assert "Rounds to `central/val/jaccard` ≥ 0.8 is the same in every trial" in text
