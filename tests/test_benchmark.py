@@ -231,7 +231,7 @@ def test_the_shipped_spec_plans_every_method_on_the_same_budget(phantoms, tmp_pa
 def test_fedbn_scaffold_and_fednova_run_and_fedbn_reports_each_sites_own_model(data, tmp_path, ray_session):
     """A BatchNorm model (FedBN keeps it local) and plain SGD (SCAFFOLD's option II)."""
     out = tmp_path / "bn"
-    assert run(out, data, "--methods", "local,fedbn,scaffold,fednova", "--set", "tasks.segmentation.model.name=unet-resnet18",
+    assert run(out, data, "--methods", "local,fedbn,scaffold,fednova", "--set", "tasks.segmentation.model.name=small-unet-seg",
                "--set", "base.train.optimizer=sgd", "--set", "base.train.momentum=0", "--set", "base.train.lr=0.1") == 0
     csv, trials = frames(out)
     assert set(trials["rows_seen"]) == {ROUNDS * CLIENTS * STEPS * BATCH}

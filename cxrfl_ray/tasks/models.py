@@ -208,15 +208,16 @@ class TinyConvNet(nn.Module):
 
 
 class SmallUNet(nn.Module):
-    """A three-level U-Net of ~25k weights with GroupNorm: small enough for a one-minute sweep on
-    2 CPU cores, deep enough to see a whole lung (one convolution cannot tell the lungs from the
-    dark air around the body, and collapses to background)."""
+    """A three-level U-Net of ~25k weights: small enough for a one-minute sweep on 2 CPU cores,
+    deep enough to see a whole lung (one convolution cannot tell the lungs from the dark air
+    around the body, and collapses to background). BatchNorm like the smp models, so
+    ``model.norm: group`` and FedBN treat it the same way."""
 
     def __init__(self, in_chans: int, width: int = 8) -> None:
         super().__init__()
 
         def block(i: int, o: int) -> nn.Sequential:
-            return nn.Sequential(nn.Conv2d(i, o, 3, padding=1), nn.GroupNorm(4, o), nn.ReLU(inplace=True))
+            return nn.Sequential(nn.Conv2d(i, o, 3, padding=1), nn.BatchNorm2d(o), nn.ReLU(inplace=True))
 
         w = width
         self.down = nn.ModuleList([block(in_chans, w), block(w, 2 * w), block(2 * w, 4 * w)])
