@@ -111,6 +111,24 @@ def small_dataset(tmp_path):
 
 
 @pytest.fixture(scope="session")
+def tiny_runs(tmp_path_factory, phantoms):
+    """One cheap `cxrfl train` run folder per task (one-conv models, 2 steps at 64 px), shared by
+    the tests that need a finished run or its checkpoint (predict, pictures)."""
+    from cxrfl_ray.cli import main as cxrfl
+
+    data = phantoms(n=120, size=64)
+    out = tmp_path_factory.mktemp("tiny-runs")
+    found = {}
+    for task, model in (("segmentation", "tiny-conv-seg"), ("classification", "tiny-conv")):
+        assert cxrfl(["train", "--set", f"data.path={data}", "--set", f"task={task}", "--set", f"model.name={model}",
+                      "--set", "data.size=64", "--set", "train.steps=2", "--set", "train.epochs=1",
+                      "--set", "tracking.wandb=disabled", "--set", f"out_dir={out}", "--set", f"name={task}",
+                      "--quiet"]) == 0
+        (found[task],) = out.glob(f"{task}-central-*")
+    return found
+
+
+@pytest.fixture(scope="session")
 def phantoms(tmp_path_factory):
     """Factory of phantom datasets, cached per (n, size, seed) for the whole session."""
     from cxrfl_ray.data.synth import write_synthetic_dataset

@@ -25,18 +25,9 @@ CPU = torch.device("cpu")
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, phantoms):
-    """One cheap `cxrfl train` run folder per task (tiny models, 2 steps)."""
-    data = phantoms(n=120, size=64)
-    out = tmp_path_factory.mktemp("runs")
-    found = {}
-    for task, model in (("segmentation", "tiny-conv-seg"), ("classification", "tiny-conv")):
-        assert cxrfl(["train", "--set", f"data.path={data}", "--set", f"task={task}", "--set", f"model.name={model}",
-                      "--set", "data.size=48", "--set", "train.steps=2", "--set", "train.epochs=1",
-                      "--set", "tracking.wandb=disabled", "--set", f"out_dir={out}", "--set", f"name={task}",
-                      "--quiet"]) == 0
-        (found[task],) = out.glob(f"{task}-central-*")
-    return found
+def runs(tiny_runs):
+    """One cheap `cxrfl train` run folder per task (conftest's ``tiny_runs``)."""
+    return tiny_runs
 
 
 def _prepared(run):

@@ -13,16 +13,8 @@ from tests.conftest import gradient, write_dicom, write_png
 
 
 @pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory, phantoms):
-    data = phantoms(n=120, size=64)
-    out = tmp_path_factory.mktemp("ckpt")
-    paths = {}
-    for task, model in (("segmentation", "tiny-conv-seg"), ("classification", "tiny-conv")):
-        assert cxrfl(["train", "--set", f"data.path={data}", "--set", f"task={task}", "--set", f"model.name={model}",
-                      "--set", "data.size=64", "--set", "train.steps=2", "--set", f"out_dir={out}",
-                      "--set", f"name={task}", "--quiet"]) == 0
-        paths[task] = next(out.glob(f"{task}-central-*")) / "best.safetensors"
-    return paths
+def checkpoints(tiny_runs):
+    return {task: run / "best.safetensors" for task, run in tiny_runs.items()}
 
 
 @pytest.fixture()
