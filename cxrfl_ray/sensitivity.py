@@ -180,9 +180,9 @@ def monotonic_trend(grid: pd.DataFrame, rows: str, cols: str) -> Trend:
 def trend_statement(trend: Trend, what: str) -> str:
     """One paragraph: holds or not along each axis, and the breaking cells."""
     def axis(name: str, holds: bool) -> str:
-        return f"{what} {'never rise' if holds else 'do not fall monotonically'} as {name} grows"
+        return f"{'never rise' if holds else 'do not fall monotonically'} as {name} grows"
 
-    text = f"{axis(trend.rows, trend.along_rows)}; {axis(trend.cols, trend.along_cols)}."
+    text = f"{what} {axis(trend.rows, trend.along_rows)} and {axis(trend.cols, trend.along_cols)}."
     if trend.violations:
         text += " Cells that break it: " + "; ".join(trend.violations) + "."
     else:

@@ -128,8 +128,8 @@ def test_the_report_says_what_matters_with_intervals_the_median_grid_and_the_tre
     assert shares[("final", "residual")] == pytest.approx(1 - epochs_share)  # the seeds
     # The paper's grid: median (range) over seeds; (2, 2) reached by one seed of two.
     assert "| 1 | 2 (2–3) | 2 (2–2) |" in text and "| 2 | 1 (1–1) | 3 [1/2 seeds] |" in text
-    assert ("**Trend.** Median rounds to 0.8 do not fall monotonically as train.epochs grows; Median rounds to "
-            "0.8 do not fall monotonically as fl.clients_per_round grows. Cells that break it: "
+    assert ("**Trend.** Median rounds to 0.8 do not fall monotonically as train.epochs grows and do not fall "
+            "monotonically as fl.clients_per_round grows. Cells that break it: "
             "(train.epochs=2, fl.clients_per_round=2): not reached after 2 at train.epochs=1; "
             "(train.epochs=2, fl.clients_per_round=2): not reached after 1 at fl.clients_per_round=1.") in text
     assert "The 1 trial(s) that never reached 0.8 count as 5 rounds." in text
