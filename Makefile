@@ -37,7 +37,7 @@ real-benchmark: $(STAMP)
 	$(BIN)/cxrfl benchmark tune_configs/benchmark_real.yaml
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=25
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/data_io.py --quick
