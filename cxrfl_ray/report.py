@@ -251,11 +251,10 @@ def sensitivity_section(out: Path, outcomes: pd.DataFrame, swept: list[str], met
                       f"{threshold}.", ""]
             continue
         imp = importance(frame, swept, target)
-        if imp is None:
-            text = name.format(metric=f"`{metric}`", op=op, threshold=threshold)
-            lines += [f"{text[0].upper()}{text[1:]} is the same in every trial: no parameter explains anything.", ""]
-            continue
         label = name.format(metric=f"`{metric}`", op=op, threshold=threshold)
+        if imp is None:
+            lines += [f"{label[0].upper()}{label[1:]} is the same in every trial: no parameter explains anything.", ""]
+            continue
         caveat = " With one seed per configuration, seed noise is inside these shares." \
             if seeds == 1 and imp.method == "anova" else ""
         lines += [what_matters(_labelled(imp), label) + caveat, ""]
