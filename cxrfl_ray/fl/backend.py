@@ -15,14 +15,18 @@ message path (and its actor, extended) but
   ``KEEP_IDLE_S`` seconds: a kept actor holds its CPUs/GPUs, so anything else that needs them
   (a Tune trial's placement group) would otherwise wait for them forever.
 
-It also copies model weights less (the messages and records stay Flower's):
+It also moves model weights at memory speed (the messages and records stay Flower's):
 
-- an ``Array``'s bytes travel through Ray as an out-of-band buffer (``use_out_of_band_arrays``):
-  Ray writes them once into its object store instead of into a pickle stream first, and the
-  receiver reads them without an extra copy;
 - the global weights of a round (one ``ArrayRecord`` object in every message of the round), and
-  any other record an algorithm sends with them, are put in Ray's object store once per round,
-  not once per message (``SharedArrays``).
+  any other record an algorithm sends with them, go into Ray's object store once per round, not
+  once per message (``SharedArrays``), as raw arrays (``fl/arrays.py``): plain numpy buffers,
+  not ``np.save`` bytes;
+- a raw array's buffer travels through Ray out of band (``use_out_of_band_arrays``): Ray copies
+  it once into its object store, and the receiver maps it there read-only instead of copying it
+  out. A client copies the global weights once, into its model, and replies with raw arrays over
+  its model's tensors, which Ray copies once into the object store when the actor returns; the
+  driver aggregates from the mapped reply. Three copies of the weights a client round, where
+  Flower's npy form through Ray made seven.
 """
 
 from __future__ import annotations
@@ -39,6 +43,8 @@ from flwr.clientapp import ClientApp
 from flwr.server.superlink.fleet.vce.backend import Backend
 from flwr.simulation.ray_transport.ray_actor import VirtualClientEngineActor
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from cxrfl_ray.fl.arrays import RawArray, as_raw
 
 log = logging.getLogger("cxrfl.fl")
 
@@ -74,13 +80,23 @@ def _array_parts(array: Array) -> tuple:
 
 def _array_from_parts(parts: tuple) -> Array:
     dtype, shape, stype, data = parts
-    return Array(dtype=dtype, shape=tuple(shape), stype=stype, data=data.tobytes())
+    return Array(dtype=dtype, shape=tuple(shape), stype=stype, data=data.tobytes())  # Flower's Array holds bytes
+
+
+def _raw_parts(array: RawArray) -> tuple:
+    return array.dtype, array.shape, array.data
+
+
+def _raw_from_parts(parts: tuple) -> RawArray:
+    """The raw array over the buffer Ray hands back: read-only, in its object store, no copy."""
+    return RawArray.from_parts(*parts)
 
 
 def use_out_of_band_arrays() -> None:
-    """Send ``Array`` bytes through Ray out of band from this process (Ray applies a custom
+    """Send arrays' buffers through Ray out of band from this process (Ray applies a custom
     serializer in the process that pickles; the reader needs only this module importable)."""
     ray.util.register_serializer(Array, serializer=_array_parts, deserializer=_array_from_parts)
+    ray.util.register_serializer(RawArray, serializer=_raw_parts, deserializer=_raw_from_parts)
 
 
 class ClientActor(VirtualClientEngineActor):
@@ -106,9 +122,14 @@ class SharedArrays:
     """The ArrayRecords of the latest message put in Ray's object store, each reused while the
     same record object with the same arrays comes again. Every message of a round carries the
     same records (the global weights, and an algorithm's, e.g. SCAFFOLD's control variate), so a
-    round puts each once; holding only the latest one would re-put both for every message."""
+    round puts each once; holding only the latest one would re-put both for every message.
 
-    def __init__(self) -> None:
+    ``raw``: put each record as raw arrays (``as_raw``: views of its bytes, then one copy into the
+    object store), so clients map them and reply raw; ``False`` puts Flower's npy form as it is
+    (the path before raw arrays, kept to compare against: its clients reply npy)."""
+
+    def __init__(self, raw: bool = True) -> None:
+        self.raw = raw
         self._lock = threading.Lock()
         self._held: list[tuple] = []  # (record, its (name, bytes) pairs, object ref) of the latest message
 
@@ -120,7 +141,7 @@ class SharedArrays:
             for record in records:
                 items = [(name, array.data) for name, array in record.items()]
                 hit = next((h for h in self._held if h[0] is record and _same(h[1], items)), None)
-                held.append(hit or (record, items, ray.put(record)))
+                held.append(hit or (record, items, ray.put(as_raw(record) if self.raw else record)))
             self._held = held
         return [h[2] for h in held]
 
@@ -149,7 +170,12 @@ def split_arrays(message: Message, shared: SharedArrays) -> tuple[Message, list[
 
 
 class PooledRayBackend(Backend):
-    """Flower backend: a pool of ``ClientActor``s sized to the caller's share of Ray."""
+    """Flower backend: a pool of ``ClientActor``s sized to the caller's share of Ray.
+
+    ``raw_arrays`` (class-wide): weights travel as raw arrays; ``False`` is Flower's npy form
+    through the same backend, for the benchmarks and the test that the two give the same run."""
+
+    raw_arrays = True
 
     def __init__(self, client_resources: dict[str, float], max_actors: int) -> None:
         super().__init__({})
@@ -172,7 +198,7 @@ class PooledRayBackend(Backend):
                      tuple(sorted(self.client_resources.items())))
         self.idle: list = []
         self.app_fn: Callable[[], ClientApp] | None = None
-        self.shared = SharedArrays()
+        self.shared = SharedArrays(raw=self.raw_arrays)
         use_out_of_band_arrays()
 
     def _new_actor(self):

@@ -5,16 +5,13 @@ resident per actor in ``_RUNTIMES`` instead of being rebuilt for every message."
 from __future__ import annotations
 
 import hashlib
-import io
 import os
 import time
-import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
-from flwr.common.constant import SType
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from torch.utils.data import DataLoader
 
@@ -23,6 +20,7 @@ from cxrfl_ray.data.torch_dataset import ClientImages
 from cxrfl_ray.experiment import Prepared, prepare
 from cxrfl_ray.fl.algorithms import Algorithm, ClientRound, make_algorithm
 from cxrfl_ray.fl.algorithms.base import trainable_state
+from cxrfl_ray.fl.arrays import npy_record, record_like, torch_views
 from cxrfl_ray.fl.privacy import privacy_class
 from cxrfl_ray.fl.compression import compressed_work
 from cxrfl_ray.fl.client_state import STATE_DIR_KEY, STATE_ROUND_KEY, ClientStateStore
@@ -90,42 +88,13 @@ def runtime(config_yaml: str, site_data: str | None = None) -> Runtime:
 
 
 def weights_record(model: torch.nn.Module) -> ArrayRecord:
-    """``ArrayRecord(trainable_state(model))``, byte for byte, with one copy per tensor."""
-    return tensors_record(trainable_state(model))
-
-
-def tensors_record(tensors: dict[str, torch.Tensor]) -> ArrayRecord:
-    """``ArrayRecord(tensors)`` byte for byte, with one copy per tensor: Flower's ``np.save`` into
-    a BytesIO copies each tensor three times (60 ms of a ResNet50 message)."""
-    return ArrayRecord({k: _npy_array(v) for k, v in tensors.items()})
-
-
-def _npy_array(tensor: torch.Tensor) -> Array:
-    arr = np.ascontiguousarray(tensor.detach().cpu().numpy())
-    header = io.BytesIO()
-    np.lib.format.write_array_header_1_0(header, np.lib.format.header_data_from_array_1_0(arr))
-    data = b"".join([header.getvalue(), arr.reshape(-1).view(np.uint8).data])
-    return Array(dtype=str(arr.dtype), shape=tuple(arr.shape), stype=SType.NUMPY, data=data)
-
-
-def _npy_view(array: Array) -> np.ndarray:
-    """The array inside an ``np.save`` payload without copying it (read-only)."""
-    if array.stype != SType.NUMPY:
-        return array.numpy()
-    head = io.BytesIO(array.data[:4096])
-    version = np.lib.format.read_magic(head)
-    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-    shape, fortran, dtype = read(head)
-    flat = np.frombuffer(array.data, dtype=dtype, count=int(np.prod(shape)), offset=head.tell())
-    return flat.reshape(shape, order="F" if fortran else "C")
+    """The model's trainable state in Flower's npy form (the server's first global weights)."""
+    return npy_record(trainable_state(model))
 
 
 def load_global(model: torch.nn.Module, arrays: ArrayRecord) -> None:
-    """Copy the global weights into the model, straight from the message's bytes."""
-    with warnings.catch_warnings():  # torch warns that the views are read-only; they are only read
-        warnings.simplefilter("ignore", UserWarning)
-        state = {k: torch.from_numpy(_npy_view(v)) for k, v in arrays.items()}
-        missing, unexpected = model.load_state_dict(state, strict=False)
+    """Copy the global weights into the model, straight from the message's memory (one copy)."""
+    missing, unexpected = model.load_state_dict(torch_views(arrays), strict=False)
     missing = [k for k in missing if not k.endswith("num_batches_tracked")]
     if missing or unexpected:
         raise ValueError(f"global weights do not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
@@ -191,7 +160,8 @@ def train(msg: Message, context: Context) -> Message:
     extra = work.finish(fit)
     metrics = MetricRecord({CLIENT_KEY: cid, "num-examples": len(rt.client_images(cid)), "train_loss": fit["loss"],
                             "steps": fit["steps"], "fit_seconds": time.perf_counter() - started})
-    content = RecordDict({"arrays": tensors_record(work.reply_weights()), "metrics": metrics, **extra})
+    arrays = record_like(work.reply_weights(), like=msg.content["arrays"])  # raw inside a simulation
+    content = RecordDict({"arrays": arrays, "metrics": metrics, **extra})
     return Message(content=content, reply_to=msg)
 
 

@@ -42,6 +42,8 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord, Message, RecordDict
 
+from cxrfl_ray.fl.arrays import raw_record, views
+
 from cxrfl_ray.config import ExperimentConfig
 
 CODECS = ("none", "fp16", "int8")
@@ -165,9 +167,8 @@ class CompressedWork:
 
     def begin(self) -> None:
         self.inner.begin()
-        from cxrfl_ray.fl.client import _npy_view
 
-        self.global_ = {k: _npy_view(v) for k, v in self.ctx.content[WEIGHTS_KEY].items()}
+        self.global_ = views(self.ctx.content[WEIGHTS_KEY])
 
     def reply_weights(self) -> dict[str, torch.Tensor]:
         if self.global_ is None:
@@ -190,9 +191,8 @@ def decode_replies(replies: list[Message], arrays: ArrayRecord, codec: str) -> l
     _check_codec(codec)
     if codec == "none":
         return replies
-    from cxrfl_ray.fl.client import _npy_view, tensors_record
 
-    glob = {k: _npy_view(v) for k, v in arrays.items()}
+    glob = views(arrays)
     out = []
     for reply in replies:
         if reply.has_error():
@@ -200,10 +200,10 @@ def decode_replies(replies: list[Message], arrays: ArrayRecord, codec: str) -> l
             continue
         if WEIGHTS_KEY not in reply.content:
             raise ValueError(f"cannot decode a reply without an {WEIGHTS_KEY!r} record")
-        received = {k: _npy_view(v) for k, v in reply.content[WEIGHTS_KEY].items()}
+        received = views(reply.content[WEIGHTS_KEY])
         decoded = decode(received, glob, codec)
         content = RecordDict(dict(reply.content))
-        content[WEIGHTS_KEY] = tensors_record({k: torch.from_numpy(v) for k, v in decoded.items()})
+        content[WEIGHTS_KEY] = raw_record(decoded)  # read by the aggregation only
         twin = copy.copy(reply)
         twin.content = content
         out.append(twin)

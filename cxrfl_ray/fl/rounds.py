@@ -20,7 +20,7 @@ import numpy as np
 from flwr.app import ArrayRecord, Message, RecordDict
 
 from cxrfl_ray.fl.algorithms import Algorithm, algorithm_class, make_algorithm
-from cxrfl_ray.fl.client import _npy_view
+from cxrfl_ray.fl.arrays import views
 from cxrfl_ray.fl.client_state import AcceptedStates
 from cxrfl_ray.fl.compression import decode_replies
 from cxrfl_ray.fl.privacy import NoPrivacy, make_privacy, privacy_class
@@ -54,7 +54,7 @@ def nonfinite_update(content: RecordDict) -> str | None:
     (None: it can be averaged)."""
     return (nonfinite_value({"train loss": float(content["metrics"]["train_loss"])})
             or next((bad for record in content.array_records.values()
-                     if (bad := nonfinite_tensor({k: _npy_view(v) for k, v in record.items()}))), None))
+                     if (bad := nonfinite_tensor(views(record)))), None))
 
 
 _EXCEPTION_LINE = re.compile(r"^(?:[A-Za-z_][\w.]*\.)?([A-Za-z_]\w*(?:Error|Exception|Failure|Exit)): (.+)$")
@@ -264,7 +264,7 @@ def evaluate_global(server_round: int, arrays: ArrayRecord, evaluate: Callable[[
     # The server's own step (FedAdam's eta, FedAvgM's server rate) can diverge where clients did not.
     fix = next((f"train.lr or fl.strategy.options.{a}" for a in ("eta", "server_learning_rate")
                 if hasattr(strategy, a)), "train.lr")
-    check_finite(where, tensors={k: _npy_view(v) for k, v in arrays.items()}, fix=fix)
+    check_finite(where, tensors=views(arrays), fix=fix)
     with located(where, fix):
         results = evaluate()
     for metrics in results.values():

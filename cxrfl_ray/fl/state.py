@@ -25,6 +25,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from cxrfl_ray.config import ConfigError
+from cxrfl_ray.fl.arrays import torch_views
 from cxrfl_ray.jsonio import dumps
 
 STATE_FILE = "state.safetensors"
@@ -62,7 +63,7 @@ def save_state(run_dir: Path, server_round: int, arrays: ArrayRecord, strategy: 
                cfg: Any = None, algorithm: dict[str, np.ndarray] | None = None) -> Path:
     """``algorithm``: the algorithm's server state (SCAFFOLD's c, which client state each client's
     last accepted round left), read back by ``load_algorithm_state``."""
-    tensors = {f"global/{k}": v.contiguous() for k, v in arrays.to_torch_state_dict().items()}
+    tensors = {f"global/{k}": v for k, v in torch_views(arrays).items()}
     for k, v in (algorithm or {}).items():
         tensors[f"algorithm/{k}"] = torch.from_numpy(np.ascontiguousarray(v))
     for attr in _DICT_STATES:

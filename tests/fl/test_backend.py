@@ -82,10 +82,12 @@ def test_idle_actors_are_reused_then_released(ray_session, monkeypatch):
     assert ray.available_resources().get("CPU", 0) == 2
 
 
-def test_round_weights_are_put_once_and_arrays_travel_out_of_band_unchanged(ray_session):
+def test_round_weights_are_put_once_as_raw_arrays_and_come_back_mapped_read_only(ray_session):
+    import numpy as np
     import torch
     from flwr.app import Array, ArrayRecord
 
+    from cxrfl_ray.fl.arrays import RawArray, view
     from cxrfl_ray.fl.backend import SharedArrays, use_out_of_band_arrays
 
     ray = ray_session
@@ -95,10 +97,17 @@ def test_round_weights_are_put_once_and_arrays_travel_out_of_band_unchanged(ray_
     first = shared.ref(record)
     assert shared.ref(record) is first  # every message of a round: one put
     copy = ray.get(first)
-    assert list(copy) == ["w", "b"] and all(copy[k].data == record[k].data for k in record)
-    assert torch.equal(copy.to_torch_state_dict()["w"], torch.arange(12.0).reshape(3, 4))
+    assert list(copy) == ["w", "b"] and all(isinstance(copy[k], RawArray) for k in copy)
+    for key in record:  # the same values, read where Ray's object store holds them
+        got = view(copy[key])
+        assert np.array_equal(got, view(record[key])) and got.dtype == view(record[key]).dtype
+        assert not got.flags.writeable and not got.flags.owndata
+    assert torch.equal(torch.from_numpy(copy["w"].numpy().copy()), torch.arange(12.0).reshape(3, 4))
     record["b"] = Array(torch.zeros(5, dtype=torch.int64))  # changed in place: put again
     assert shared.ref(record) is not first
+
+    npy = ray.get(SharedArrays(raw=False).ref(record))  # the former path: Flower's np.save bytes as they were
+    assert all(type(npy[k]) is Array and npy[k].data == record[k].data for k in record)
 
 
 def test_weights_record_has_np_save_bytes_and_loads_back_exactly():

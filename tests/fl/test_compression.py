@@ -22,7 +22,7 @@ from flwr.app import RecordDict
 
 from cxrfl_ray.config import build_config
 from cxrfl_ray.fl.algorithms.base import ClientRound, trainable_state
-from cxrfl_ray.fl.client import _npy_view, tensors_record
+from cxrfl_ray.fl.arrays import npy_record, view
 from cxrfl_ray.fl.compression import (SCALE_SUFFIX, CompressedWork, compressed_work, decode, decode_replies,
                                       encode)
 from cxrfl_ray.fl.strategies import make_strategy
@@ -41,7 +41,7 @@ def resnet():
     for k, v in state.items():
         if k.endswith("num_batches_tracked"):
             v.fill_(7)
-    glob = {k: _npy_view(a).copy() for k, a in tensors_record(state).items()}  # as the server holds it
+    glob = {k: view(a).copy() for k, a in npy_record(state).items()}  # as the server holds it
     gen = torch.Generator().manual_seed(1)
     weights = {k: (v + 1e-3 * (v.abs().mean() + 1e-3) * torch.randn(v.shape, generator=gen)
                    if v.is_floating_point() else v + 3) for k, v in state.items()}
@@ -49,7 +49,7 @@ def resnet():
 
 
 def record_bytes(tensors) -> int:
-    return sum(len(a.data) for a in tensors_record(tensors).values())
+    return sum(len(a.data) for a in npy_record(tensors).values())
 
 
 def fp16_bound(w: np.ndarray, g: np.ndarray) -> np.ndarray:
@@ -68,8 +68,8 @@ BOUNDS = {"fp16": fp16_bound, "int8": int8_bound}
 
 def round_trip(weights, glob, codec):
     encoded = encode(weights, glob, codec)
-    record = tensors_record(encoded)  # through the bytes a reply carries
-    return encoded, decode({k: _npy_view(v) for k, v in record.items()}, glob, codec)
+    record = npy_record(encoded)  # through the bytes a reply carries
+    return encoded, decode({k: view(v) for k, v in record.items()}, glob, codec)
 
 
 @pytest.mark.parametrize("codec", ["fp16", "int8"])
@@ -153,7 +153,7 @@ def test_a_non_finite_update_stays_non_finite(codec):
 
 def test_bad_replies_and_codecs_are_refused_naming_the_key():
     glob = {"w": np.zeros(3, np.float32), "n": np.zeros((), np.int64)}
-    good = {k: _npy_view(v) for k, v in tensors_record(encode({"w": torch.ones(3)}, glob, "int8")).items()}
+    good = {k: view(v) for k, v in npy_record(encode({"w": torch.ones(3)}, glob, "int8")).items()}
     with pytest.raises(ValueError, match="stray"):
         decode({**good, "stray": np.zeros(3, np.int8)}, glob, "int8")
     with pytest.raises(ValueError, match=r"w::int8-scale"):
@@ -180,12 +180,12 @@ def small_model_state(seed: int) -> dict[str, torch.Tensor]:
 def test_decoded_replies_are_twins_and_fedavg_of_them_is_the_true_mean_within_the_bound(codec):
     glob_t = small_model_state(0)
     glob = {k: v.numpy().copy() for k, v in glob_t.items()}
-    arrays = tensors_record(glob_t)
+    arrays = npy_record(glob_t)
     gen = torch.Generator().manual_seed(2)
     true = [{k: v + 1e-3 * (i + 1) * torch.randn(v.shape, generator=gen) for k, v in glob_t.items()}
             for i in range(2)]
     examples = [30, 10]
-    replies = [train_reply(cid, {"arrays": tensors_record(encode(w, glob, codec))}, **{"num-examples": n,
+    replies = [train_reply(cid, {"arrays": npy_record(encode(w, glob, codec))}, **{"num-examples": n,
                                                                                        "train_loss": 1.0})
                for cid, (w, n) in enumerate(zip(true, examples))]
     before = [(r.content["arrays"], {k: bytes(a.data) for k, a in r.content["arrays"].items()}) for r in replies]
@@ -196,7 +196,7 @@ def test_decoded_replies_are_twins_and_fedavg_of_them_is_the_true_mean_within_th
         assert twin is not reply and reply.content["arrays"] is record  # the received reply keeps its record
         assert {k: bytes(a.data) for k, a in reply.content["arrays"].items()} == data
         assert twin.content["metrics"] is reply.content["metrics"] and twin.metadata == reply.metadata
-        got = {k: _npy_view(a) for k, a in twin.content["arrays"].items()}
+        got = {k: view(a) for k, a in twin.content["arrays"].items()}
         assert set(got) == set(glob)
         for k in glob:
             assert got[k].dtype == np.float32
@@ -208,13 +208,13 @@ def test_decoded_replies_are_twins_and_fedavg_of_them_is_the_true_mean_within_th
     for k, a in aggregated.items():
         mean = sum(s * w[k].numpy().astype(np.float64) for s, w in zip(share, true))
         bound = sum(s * BOUNDS[codec](w[k].numpy(), glob[k]) for s, w in zip(share, true)) + F32 * np.abs(mean)
-        assert (np.abs(_npy_view(a) - mean) <= bound * 1.01).all(), k
+        assert (np.abs(view(a) - mean) <= bound * 1.01).all(), k
 
 
 def test_no_compression_returns_the_same_replies_and_the_same_work():
     glob = small_model_state(0)
-    replies = [train_reply(0, {"arrays": tensors_record(glob)}, **{"num-examples": 1})]
-    out = decode_replies(replies, tensors_record(glob), "none")
+    replies = [train_reply(0, {"arrays": npy_record(glob)}, **{"num-examples": 1})]
+    out = decode_replies(replies, npy_record(glob), "none")
     assert out is replies and out[0] is replies[0]
     work = object()
     assert compressed_work(build_config({}), work, None) is work
@@ -252,14 +252,14 @@ class FedBNLike:
 
     def finish(self, fit):
         self.calls.append("finish")
-        return {"extra": tensors_record({"x": torch.ones(2)})}
+        return {"extra": npy_record({"x": torch.ones(2)})}
 
 
 def test_compressed_work_sends_the_inner_works_keys_encoded_against_the_message():
     model = create_model("resnet18", "classification", 1, 3)
     glob = {k: v.clone() for k, v in trainable_state(model).items()}
     cfg = build_config({"fl": {"compression": "int8"}})
-    ctx = ClientRound(0, 1, model, cfg, RecordDict({"arrays": tensors_record(glob)}), None)
+    ctx = ClientRound(0, 1, model, cfg, RecordDict({"arrays": npy_record(glob)}), None)
     inner = FedBNLike(ctx)
     work = compressed_work(cfg, inner, ctx)
     assert isinstance(work, CompressedWork)

@@ -18,7 +18,8 @@ from torch.utils.data import DataLoader, TensorDataset
 from cxrfl_ray.config import ConfigError, build_config
 from cxrfl_ray.fl.algorithms import ClientRound, make_algorithm
 from cxrfl_ray.fl.algorithms.scaffold import C_KEY, DELTA_KEY
-from cxrfl_ray.fl.client import tensors_record, weights_record
+from cxrfl_ray.fl.arrays import npy_record
+from cxrfl_ray.fl.client import weights_record
 from cxrfl_ray.fl.client_state import ClientStateStore
 from cxrfl_ray.fl.strategies import make_strategy, select_clients
 from cxrfl_ray.tasks.training import train_local
@@ -112,7 +113,7 @@ def test_control_variates_follow_the_papers_option_ii_update_by_hand(tmp_path, s
     assert ClientStateStore(tmp_path, 0).path(1).is_file()  # the accepted round-1 state stays until round 2 is accepted
 
     strategy = make_strategy("scaffold", {"server_lr": server_lr}, num_clients=3, per_round=2, seed=0, client_eval=False)
-    start = tensors_record({"weight": t([0.0, 0.0]), "bias": t(0.0).reshape(1), "running": t(10.0)})
+    start = npy_record({"weight": t([0.0, 0.0]), "bias": t(0.0).reshape(1), "running": t(10.0)})
     new, metrics = server.aggregate(strategy, 2, start, replies)
     assert all(DELTA_KEY not in r.content for r in replies)  # popped before Flower's FedAvg
     # x <- x + eta_g * (FedAvg by examples (1 and 3) - x); the buffer is plainly averaged.

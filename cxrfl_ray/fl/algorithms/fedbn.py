@@ -29,6 +29,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from cxrfl_ray.fl.algorithms.base import Algorithm, LocalWork, model_skeleton, trainable_state
+from cxrfl_ray.fl.arrays import record_of
 from cxrfl_ray.fl.client_state import ClientStateStore
 
 log = logging.getLogger("cxrfl.fl")
@@ -152,7 +153,7 @@ class FedBN(Algorithm):
         unknown = sorted(set(averaged.keys()) - set(arrays.keys()))
         if unknown:
             raise ValueError(f"fedbn: the clients sent tensors the global model does not have: {unknown[:3]}")
-        return ArrayRecord({k: averaged[k] if k in averaged else arrays[k] for k in arrays.keys()}), metrics
+        return record_of({k: averaged[k] if k in averaged else arrays[k] for k in arrays.keys()}), metrics
 
     # personalised evaluation (server side, simulation only)
 

@@ -26,12 +26,11 @@ FedAvg. No client state.
 from __future__ import annotations
 
 import numpy as np
-import torch
 from flwr.app import ArrayRecord, Message
 
 from cxrfl_ray.config import TrainConfig
 from cxrfl_ray.fl.algorithms.base import WEIGHTS_KEY, Algorithm, model_skeleton
-from cxrfl_ray.fl.client import _npy_array, _npy_view
+from cxrfl_ray.fl.arrays import RawArray, record_of, view
 
 
 def normaliser(steps: int, train: TrainConfig) -> float:
@@ -48,7 +47,7 @@ def normalise_replies(arrays: ArrayRecord, replies: list[Message], normalisers: 
     are), so that the ``weighted_by``-weighted mean of the replies is FedNova's step. Returns tau_eff."""
     examples = np.array([float(r.content["metrics"][weighted_by]) for r in replies])
     tau_eff = float(np.dot(examples, normalisers) / examples.sum())
-    x = {k: _npy_view(v).astype(np.float64) for k, v in arrays.items() if k not in buffers}
+    x = {k: view(v).astype(np.float64) for k, v in arrays.items() if k not in buffers}
     for reply, a in zip(replies, normalisers):
         factor = tau_eff / a if a > 0 else 0.0  # no step: no update (y_i = x)
         if factor == 1.0:
@@ -56,13 +55,13 @@ def normalise_replies(arrays: ArrayRecord, replies: list[Message], normalisers: 
         record = reply.content[WEIGHTS_KEY]
         out = {}
         for key, value in record.items():
-            y = _npy_view(value)
+            y = view(value)
             if key in buffers:
                 out[key] = value
                 continue
             new = x[key] - factor * (x[key] - y)
-            out[key] = _npy_array(torch.from_numpy(new.astype(y.dtype)))
-        reply.content[WEIGHTS_KEY] = ArrayRecord(out)
+            out[key] = RawArray(new.astype(y.dtype))  # read by the aggregation only
+        reply.content[WEIGHTS_KEY] = record_of(out)
     return tau_eff
 
 

@@ -37,7 +37,7 @@ from flwr.app import ArrayRecord
 
 from cxrfl_ray.config import ExperimentConfig
 from cxrfl_ray.fl.algorithms.base import Algorithm, LocalWork, take_records
-from cxrfl_ray.fl.client import _npy_view, tensors_record
+from cxrfl_ray.fl.arrays import npy_record, record_like, record_of, torch_views, view
 from cxrfl_ray.fl.strategies import reply_client
 
 C_KEY = "scaffold-c"  # training message: the server's control variate
@@ -50,7 +50,7 @@ class ScaffoldWork(LocalWork):
     def begin(self) -> None:
         model, content = self.ctx.model, self.ctx.content
         self.params = {k: p for k, p in model.named_parameters() if p.requires_grad}
-        c = content[C_KEY].to_torch_state_dict() if C_KEY in content else {}
+        c = torch_views(content[C_KEY]) if C_KEY in content else {}
         c_i = self.ctx.load_state()
         for name, found in (("the server's control variate", c), (f"client {self.ctx.cid}'s state", c_i)):
             if found and (missing := sorted(self.params.keys() - found.keys())):
@@ -80,7 +80,7 @@ class ScaffoldWork(LocalWork):
             delta = {k: self.c_i[k].neg_().add_(new[k]).cpu() for k in new}
             new = {k: v.cpu() for k, v in new.items()}
         self.ctx.save_state(new)
-        return {DELTA_KEY: tensors_record(delta)}
+        return {DELTA_KEY: record_like(delta, like=self.ctx.content["arrays"])}
 
 
 def _number(value: Any) -> float | None:
@@ -133,7 +133,7 @@ class Scaffold(Algorithm):
         if not self.c:
             return {}
         if self._record is None:
-            self._record = tensors_record({k: torch.from_numpy(v) for k, v in self.c.items()})
+            self._record = npy_record(self.c)  # sent to the clients: Flower's form
         return {C_KEY: self._record}
 
     def aggregate(self, strategy, server_round: int, arrays: ArrayRecord, replies):
@@ -147,15 +147,15 @@ class Scaffold(Algorithm):
             return new, metrics
         names = list(deltas[0][DELTA_KEY].keys())  # the trainable parameters
         if self.server_lr != 1.0:  # x + eta_g * (avg - x) for the parameters, in their dtype
-            x = {k: _npy_view(arrays[k]) for k in names}
-            stepped = tensors_record({k: torch.from_numpy(
-                (x[k] + self.server_lr * (_npy_view(new[k]).astype(np.float64) - x[k])).astype(x[k].dtype)) for k in names})
-            new = ArrayRecord({k: stepped[k] if k in names else v for k, v in new.items()})
+            x = {k: view(arrays[k]) for k in names}
+            stepped = npy_record({k: (x[k] + self.server_lr * (view(new[k]).astype(np.float64) - x[k])).astype(x[k].dtype)
+                                  for k in names})
+            new = record_of({k: stepped[k] if k in names else v for k, v in new.items()})
         n = self.num_clients
         for k in names:  # float32, summed in client-id order (seeded runs stay bit-identical)
-            total = np.array(_npy_view(deltas[0][DELTA_KEY][k]), dtype=np.float32)
+            total = np.array(view(deltas[0][DELTA_KEY][k]), dtype=np.float32)
             for d in deltas[1:]:
-                total += _npy_view(d[DELTA_KEY][k])
+                total += view(d[DELTA_KEY][k])
             total /= n
             self.c[k] = total if k not in self.c else self.c[k] + total
         self._record = None

@@ -105,9 +105,9 @@ class ClientLevelDP(NoPrivacy):
         that noised mean as one reply (its own mean of one reply is that reply, so FedAvgM /
         FedAdam / ... take their server step from it). With nothing clipped and no noise the
         replies go on as they are, weighted equally: z = 0 with a large clip is the plain run."""
-        from cxrfl_ray.fl.client import _npy_view, tensors_record
+        from cxrfl_ray.fl.arrays import raw_record, views
 
-        glob = {key: _npy_view(v) for key, v in arrays.items()}
+        glob = views(arrays)
         clip, k = self.clip_norm, len(replies)
         std = self.update_multiplier * clip / k
         rng = np.random.default_rng(None if self.cfg.privacy.secure_noise else [self.cfg.seed, NOISE_TAG, server_round])
@@ -115,7 +115,7 @@ class ClientLevelDP(NoPrivacy):
         buffer: dict[str, np.ndarray] = {}
         norms, others = [], []
         for reply in replies:
-            w = {key: _npy_view(v) for key, v in reply.content["arrays"].items()}
+            w = views(reply.content["arrays"])
             updates, squares = {}, 0.0
             for key, v in w.items():
                 if np.issubdtype(v.dtype, np.floating):
@@ -145,7 +145,7 @@ class ClientLevelDP(NoPrivacy):
             for key in others[0]:  # integer buffers: their plain mean
                 mean[key] = np.mean([o[key] for o in others], axis=0).astype(others[0][key].dtype)
             content = RecordDict(dict(replies[0].content))
-            content["arrays"] = tensors_record({key: torch.from_numpy(np.ascontiguousarray(mean[key]))
+            content["arrays"] = raw_record({key: torch.from_numpy(np.ascontiguousarray(mean[key]))
                                                 for key in replies[0].content["arrays"].keys()})
             one = _equal_weight(replies[0], content)
             one.content["metrics"]["train_loss"] = float(np.mean([float(r.content["metrics"]["train_loss"])

@@ -31,6 +31,7 @@ import numpy as np
 from flwr.app import Message
 
 from cxrfl_ray.config import ExperimentConfig
+from cxrfl_ray.fl.arrays import wire_size
 from cxrfl_ray.fl.system.profiles import Profiles, draw_profiles, transfer_seconds
 
 BUDGET_KEY = "steps-budget"  # a partial-work client's local steps this round (message config)
@@ -78,8 +79,9 @@ def cohort_nodes(cfg: ExperimentConfig, num_clients: int) -> int:
 
 
 def message_bytes(records) -> int:
-    """Bytes of the arrays a message carries (what the network moves; headers aside)."""
-    return int(sum(len(a.data) for record in records for a in record.values()))
+    """Bytes of the arrays a message carries in Flower's npy form (what the network moves; message
+    headers aside)."""
+    return int(sum(wire_size(a) for record in records for a in record.values()))
 
 
 class SimulatedClock:

@@ -1,0 +1,149 @@
+"""Model weights inside Flower's records, in the two forms they travel in.
+
+- **npy** (Flower's ``SType.NUMPY``: each array an ``np.save`` payload): what Flower's own code
+  writes and reads, and what crosses a real federation's wire (``fl/deploy.py``). Written here
+  with one copy per tensor (``npy_record``), read without any (``view``).
+- **raw** (``RAW``, a ``RawArray``): the array's own memory, no header and no copy. Inside a
+  simulation the weights travel this way: Ray moves a raw array's buffer through its object store
+  out of band (``fl/backend.py``), so a client maps the round's global weights read-only where the
+  driver put them once, and the driver reads a client's reply where the client's process wrote
+  it. ``RawArray.numpy()`` is that view, so Flower's strategies aggregate from it unchanged.
+
+A client replies in the form its global weights came in (``like``): raw to our backend, npy to
+anything else (a real SuperLink, a test that builds messages by hand). The bytes of the two forms'
+arrays are the same, so a run's metrics and weights do not depend on the form.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord
+from flwr.common.constant import SType
+
+RAW = "cxrfl.raw"
+
+
+class RawArray(Array):
+    """An ``Array`` whose ``data`` is the array's memory (a flat uint8 numpy buffer: the source
+    array itself, or a read-only map of Ray's object store). A raw reply built from a model's
+    tensors shares their memory until it is serialised (our backend does that when the actor
+    returns, before the model trains again)."""
+
+    def __init__(self, ndarray: np.ndarray) -> None:  # pylint: disable=super-init-not-called
+        arr = _contiguous(ndarray)
+        self.__dict__.update(dtype=str(arr.dtype), shape=tuple(int(s) for s in arr.shape), stype=RAW,
+                             data=arr.reshape(-1).view(np.uint8))
+
+    @classmethod
+    def from_parts(cls, dtype: str, shape: tuple, data: np.ndarray) -> "RawArray":
+        """A raw array over ``data`` as it is (what Ray hands back: a map of its object store)."""
+        out = cls.__new__(cls)
+        out.__dict__.update(dtype=dtype, shape=tuple(shape), stype=RAW, data=data)
+        return out
+
+    def numpy(self) -> np.ndarray:
+        """The array, read-only, without a copy (Flower's ``Array.numpy`` is ``np.load``, a copy)."""
+        out = np.frombuffer(self.data, dtype=np.dtype(self.dtype)).reshape(self.shape)
+        out.flags.writeable = False
+        return out
+
+    def __eq__(self, other: object) -> bool:
+        return (isinstance(other, Array) and (self.dtype, tuple(self.shape)) == (other.dtype, tuple(other.shape))
+                and np.array_equal(view(self), view(other)))
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+def view(array: Array) -> np.ndarray:
+    """The array in either form, read-only and without copying it."""
+    if isinstance(array, RawArray):
+        return array.numpy()
+    if array.stype != SType.NUMPY:
+        return array.numpy()
+    head = io.BytesIO(array.data[:4096])
+    version = np.lib.format.read_magic(head)
+    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, fortran, dtype = read(head)
+    flat = np.frombuffer(array.data, dtype=dtype, count=int(np.prod(shape)), offset=head.tell())
+    return flat.reshape(shape, order="F" if fortran else "C")
+
+
+def views(record: ArrayRecord) -> dict[str, np.ndarray]:
+    return {k: view(v) for k, v in record.items()}
+
+
+def torch_views(record: ArrayRecord) -> dict[str, torch.Tensor]:
+    """The record as CPU tensors over its memory (``to_torch_state_dict`` without its copies);
+    read-only: copy one (``load_state_dict`` does) before changing it."""
+    with warnings.catch_warnings():  # torch warns that the views are read-only; they are only read
+        warnings.simplefilter("ignore", UserWarning)
+        return {k: torch.from_numpy(v) for k, v in views(record).items()}
+
+
+def _contiguous(arr: np.ndarray) -> np.ndarray:
+    """C order, copied only if needed (``np.ascontiguousarray`` would turn a 0-d array into 1-d)."""
+    return arr if arr.flags.c_contiguous else arr.copy(order="C")
+
+
+def _cpu_numpy(tensor: torch.Tensor | np.ndarray) -> np.ndarray:
+    return tensor if isinstance(tensor, np.ndarray) else tensor.detach().cpu().numpy()
+
+
+def wire_size(array: Array) -> int:
+    """Bytes of the array in Flower's npy form, whichever form it is in here (what a real
+    federation's wire carries, so simulated traffic does not depend on the simulation's transport)."""
+    if not isinstance(array, RawArray):
+        return len(array.data)
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {"descr": np.lib.format.dtype_to_descr(np.dtype(array.dtype)),
+                                                   "fortran_order": False, "shape": tuple(array.shape)})
+    return len(header.getvalue()) + len(array.data)
+
+
+def npy_array(tensor: torch.Tensor | np.ndarray) -> Array:
+    """``Array(tensor)`` byte for byte, with one copy: Flower's ``np.save`` into a BytesIO copies
+    each tensor three times (60 ms of a ResNet50 message)."""
+    arr = _contiguous(_cpu_numpy(tensor))
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, np.lib.format.header_data_from_array_1_0(arr))
+    data = b"".join([header.getvalue(), arr.reshape(-1).view(np.uint8).data])
+    return Array(dtype=str(arr.dtype), shape=tuple(arr.shape), stype=SType.NUMPY, data=data)
+
+
+def record_of(arrays: dict[str, Array]) -> ArrayRecord:
+    """An ``ArrayRecord`` holding these very ``Array`` objects: ``ArrayRecord(dict)`` rebuilds
+    each as a plain ``Array``, which would turn a raw array into one nobody can read."""
+    record = ArrayRecord()
+    for key, array in arrays.items():
+        record[key] = array
+    return record
+
+
+def npy_record(tensors: dict) -> ArrayRecord:
+    """``ArrayRecord(tensors)`` byte for byte (Flower's form), one copy per tensor."""
+    return record_of({k: npy_array(v) for k, v in tensors.items()})
+
+
+def raw_record(tensors: dict) -> ArrayRecord:
+    """The tensors as raw arrays over their own memory (a GPU tensor is copied to the CPU once)."""
+    return record_of({k: RawArray(_cpu_numpy(v)) for k, v in tensors.items()})
+
+
+def is_raw(record: ArrayRecord) -> bool:
+    return any(isinstance(v, RawArray) for v in record.values())
+
+
+def record_like(tensors: dict, like: ArrayRecord) -> ArrayRecord:
+    """The tensors in the form ``like`` came in (a client's reply to its global weights)."""
+    return raw_record(tensors) if is_raw(like) else npy_record(tensors)
+
+
+def as_raw(record: ArrayRecord) -> ArrayRecord:
+    """The same arrays as raw arrays over the record's own bytes (no copy)."""
+    if all(isinstance(v, RawArray) for v in record.values()):
+        return record
+    return record_of({k: v if isinstance(v, RawArray) else RawArray(view(v)) for k, v in record.items()})

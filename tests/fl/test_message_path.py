@@ -1,0 +1,54 @@
+"""Weights as raw arrays through Ray (the default) give the very run Flower's npy form gives:
+every metric and the final weights, bit for bit, with FedAvg and with SCAFFOLD (whose control
+variate and control deltas travel beside the weights)."""
+
+from __future__ import annotations
+
+import pyarrow.parquet as pq
+import pytest
+
+from cxrfl_ray.fl.arrays import RawArray, view
+from cxrfl_ray.fl.backend import PooledRayBackend
+from cxrfl_ray.fl.engine import run_federated
+from cxrfl_ray.fl.rounds import ServerHooks
+from cxrfl_ray.fl.state import load_state
+from tests.fl.test_simulate import config
+
+TIMING = {"fit_seconds", "wall_time"}
+
+
+def run_with(raw: bool, cfg, monkeypatch) -> tuple[list[tuple], dict, set[type]]:
+    """One run on the raw or the npy path: its metrics (timings left out), final weights and the
+    types of the reply arrays the server aggregated."""
+    seen: set[type] = set()
+    aggregate = ServerHooks.aggregate
+
+    def recording(self, strategy, server_round, arrays, replies):
+        seen.update(type(a) for r in replies for a in r.content["arrays"].values())
+        return aggregate(self, strategy, server_round, arrays, replies)
+
+    with monkeypatch.context() as patch:  # undone after the run: the next run wraps the original
+        patch.setattr(ServerHooks, "aggregate", recording)
+        patch.setattr(PooledRayBackend, "raw_arrays", raw)
+        run = run_federated(cfg, quiet=True)
+    rows = sorted((r["scope"], r["id"], r["round"], r["metric"], r["value"])
+                  for r in pq.read_table(run / "metrics.parquet").to_pylist() if r["metric"] not in TIMING)
+    _, arrays, _, _ = load_state(run)
+    return rows, {k: view(v).tobytes() for k, v in arrays.items()}, seen
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("strategy", ["fedavg", "scaffold"])
+def test_raw_arrays_give_the_npy_paths_metrics_and_weights_bit_for_bit(phantoms, tmp_path, ray_session, monkeypatch,
+                                                                       strategy):
+    data = phantoms(n=120, size=48)
+    over = {"fl": {"rounds": 2, "fraction": 0.5, "strategy": {"name": strategy}},
+            "train": {"optimizer": "sgd", "momentum": 0.0, "lr": 0.05, "steps": 2, "batch_size": 8}}
+    raw_rows, raw_weights, raw_types = run_with(True, config(data, tmp_path / "raw", **over), monkeypatch)
+    npy_rows, npy_weights, npy_types = run_with(False, config(data, tmp_path / "npy", **over), monkeypatch)
+    from flwr.app import Array
+
+    assert raw_types == {RawArray} and npy_types == {Array}  # each path really ran
+    assert raw_rows == npy_rows
+    assert len([r for r in raw_rows if r[0] == "client" and r[3] == "train_loss"]) == 4  # 2 rounds x 2 clients trained
+    assert raw_weights.keys() == npy_weights.keys() and raw_weights == npy_weights
