@@ -22,7 +22,7 @@ def machine() -> str:
 def table(columns: dict[str, str], rows: list[dict]) -> list[str]:
     """Markdown table lines: ``columns`` maps a result key to its heading."""
     lines = ["| " + " | ".join(columns.values()) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(str(r[k]) for k in columns) + " |" for r in rows]
+    lines += ["| " + " | ".join(str(r.get(k, "")) for k in columns) + " |" for r in rows]
     return lines
 
 

@@ -76,6 +76,22 @@ def final_val(results: dict, main: str) -> dict[str, float]:
 def floor(cfg) -> tuple[float, float, list[float], dict, str]:
     """In-process FedAvg with the engine's exact local work; returns (setup s, total s, round s,
     final val loss and metric, final weights hash)."""
+    run = floor_run(cfg)
+    return run["setup_s"], run["total_s"], run["rounds_s"], final_val(run["results"], run["main"]), run["hash"]
+
+
+def floor_run(cfg) -> dict:
+    """In-process FedAvg with the engine's exact local work, on one thread (the client's
+    ``fl.client_num_cpus``; the process's thread count is restored after): set-up, total and
+    per-round seconds, the last round's results of every view, the final weights' hash."""
+    threads = torch.get_num_threads()
+    try:
+        return _floor_run(cfg)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _floor_run(cfg) -> dict:
     start = time.perf_counter()
     rt = runtime(cfg.to_yaml())
     prep = rt.prep
@@ -98,7 +114,8 @@ def floor(cfg) -> tuple[float, float, list[float], dict, str]:
         server.load_state_dict(arrays, strict=False)
         results = evaluate_views(prep, server, rt.device, rt.loss_fn, list(prep.views))
         rounds.append(time.perf_counter() - t)
-    return setup, time.perf_counter() - start, rounds, final_val(results, prep.task.main_metric), weights_hash(arrays)
+    return {"setup_s": setup, "total_s": time.perf_counter() - start, "rounds_s": rounds, "results": results,
+            "main": prep.task.main_metric, "hash": weights_hash(arrays)}
 
 
 def engine(cfg) -> tuple[float, float, list[float], dict, str]:

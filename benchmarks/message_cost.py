@@ -19,13 +19,20 @@ training. Components (median of several repeats, ms):
   (serialise, put in the object store, transfer, deserialise; both ways), Ray's default pickling;
 - ``ray_roundtrip_oob``: the same with ``backend.use_out_of_band_arrays`` on both sides (each
   ``Array``'s bytes as an out-of-band buffer: one copy into the object store, none out of it);
+- ``raw_record``: ``arrays.raw_record`` of the same state dict: raw arrays over the tensors'
+  memory (what a client replies with inside a simulation; no copy);
+- ``ray_roundtrip_raw``: the Ray round trip of a Message carrying raw arrays (out of band, mapped
+  read-only on each side);
 - ``end_to_end``: through the real runtime, ``cxrfl_ray.fl.engine.simulate`` with our backend:
-  a small ServerApp sends one train message per round to one node with the model's record, and
-  an echo ClientApp (this module's ``echo_app``) loads the weights into a torch model and replies
-  with its weights (no training). Per message = time of rounds 2..N / (N - 1); round 1 pays for
-  the actor's start-up. Measured twice in one run: ``runtime="flower"`` (Flower's ``run_api`` and
-  ``InMemoryGrid``, which poll every 0.1 s for pushed messages and for replies) and
-  ``runtime="cxrfl"`` (ours: woken by a doorbell on push and on reply). Both use our backend.
+  a small ServerApp sends one train message per round to one node with a new record of the
+  model's weights each round (a round's new global: the backend puts it in Ray's object store),
+  and an echo ClientApp (this module's ``echo_app``) loads the weights into a torch model and
+  replies with its weights in the form they came in (no training); the server reads every
+  array of the reply. Per message = time of rounds 2..N / (N - 1); round 1 pays for the actor's
+  start-up. Measured three ways in one run: Flower's runtime (``run_api`` and ``InMemoryGrid``,
+  which poll every 0.1 s for pushed messages and for replies) with npy weights; ours (woken by a
+  doorbell on push and on reply) with npy weights (``PooledRayBackend.raw_arrays = False``, the
+  path before raw arrays); ours with raw arrays (the default).
 
 Before / after (``--quick``, 2 shared cores, BENCHMARKS.md 2026-11-30 20:28 / 20:36): per message
 end to end, tiny-conv 201 -> 11 ms, resnet18 345 -> 164 ms, resnet50 449 -> 349 ms (before:
@@ -33,7 +40,11 @@ Flower's polls and in-band pickling of every message). What is left for ResNet50
 of weights: the echo client's ``np.load`` and ``np.save`` (Flower's ArrayRecord format, inside the
 ClientApp) and Ray's object store both ways; see the reading in BENCHMARKS.md.
 
-Target: ResNet50 <= 100 ms per message, end to end.
+Issue 19 (raw arrays): the round's global weights go into Ray's object store once as numpy
+buffers, clients map them and copy them once into the model, and replies travel as raw buffers
+the server aggregates from without a decode copy.
+
+Target: ResNet50 <= 40 ms per message, end to end (issue 19; was <= 100 ms).
 """
 
 from __future__ import annotations
@@ -52,12 +63,13 @@ from flwr.clientapp import ClientApp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks._common import report, table  # noqa: E402
-from cxrfl_ray.fl.backend import use_out_of_band_arrays  # noqa: E402
+from cxrfl_ray.fl.arrays import raw_record, record_like, record_of, views  # noqa: E402
+from cxrfl_ray.fl.backend import PooledRayBackend, use_out_of_band_arrays  # noqa: E402
 from cxrfl_ray.fl.client import load_global, trainable_state, weights_record  # noqa: E402
 from cxrfl_ray.tasks.models import create_model  # noqa: E402
 
 MODELS = ["tiny-conv", "linear-0.1M", "resnet18", "resnet50"]
-TARGET_MODEL, TARGET_MS = "resnet50", 100.0
+TARGET_MODEL, TARGET_MS = "resnet50", 40.0
 
 
 def build(name: str) -> torch.nn.Module:
@@ -75,13 +87,15 @@ _ECHO_MODELS: dict[str, torch.nn.Module] = {}  # one resident model per name, pe
 
 @echo_app.train()
 def echo(msg: Message, context: Context) -> Message:
-    """Load the weights into torch, reply with them: the message path without training."""
+    """Load the weights into torch, reply with them as our ClientApp does (in the form they came
+    in): the message path without training."""
     name = str(msg.content["config"]["model"])
     if name not in _ECHO_MODELS:
         _ECHO_MODELS[name] = build(name)
     model = _ECHO_MODELS[name]
     load_global(model, msg.content["arrays"])
-    return Message(content=RecordDict({"arrays": weights_record(model)}), reply_to=msg)
+    reply = record_like(trainable_state(model), like=msg.content["arrays"])
+    return Message(content=RecordDict({"arrays": reply}), reply_to=msg)
 
 
 # -- components -----------------------------------------------------------------------------------
@@ -128,11 +142,15 @@ def components(name: str, repeats: int, echo_actor, oob_echo_actor) -> dict:
     }
     use_out_of_band_arrays()
     row["ray_roundtrip_oob_ms"] = median_ms(lambda: ray.get(oob_echo_actor.echo.remote(msg)), repeats)
+    row["raw_record_ms"] = median_ms(lambda: raw_record(state), repeats)
+    raw_msg = train_message(raw_record(state), name)
+    row["ray_roundtrip_raw_ms"] = median_ms(lambda: ray.get(oob_echo_actor.echo.remote(raw_msg)), repeats)
     return row
 
 
-def end_to_end(name: str, rounds: int, runtime: str) -> float:
-    """Per-message ms through ``engine.simulate`` (rounds 2..N, one message per round)."""
+def end_to_end(name: str, rounds: int, runtime: str, raw: bool) -> float:
+    """Per-message ms through ``engine.simulate`` (rounds 2..N, one message per round); ``raw``:
+    weights as raw arrays (else Flower's npy form through the same backend)."""
     from flwr.serverapp import Grid, ServerApp
 
     from benchmarks.message_cost import echo_app as importable_echo_app  # by module name, not __main__
@@ -156,15 +174,23 @@ def end_to_end(name: str, rounds: int, runtime: str) -> float:
             time.sleep(0.01)
         node = nodes[0]
         for rnd in range(1, rounds + 1):
-            content = RecordDict({"arrays": record, "config": ConfigRecord({"model": name})})
+            new_global = record_of(dict(record.items()))  # a new record object: put again, as each round's is
+            content = RecordDict({"arrays": new_global, "config": ConfigRecord({"model": name})})
             t = time.perf_counter()
             replies = list(grid.send_and_receive([Message(content, node, "train", group_id=str(rnd))], timeout=600))
             times.append(time.perf_counter() - t)
             if len(replies) != 1 or replies[0].has_error():
                 raise RuntimeError(f"echo failed in round {rnd}: {replies and replies[0].error}")
-            replies[0].content["arrays"].to_torch_state_dict()  # what a strategy does with a reply
+            got = views(replies[0].content["arrays"])  # what a strategy reads of a reply (Flower's: .numpy())
+            if sum(v.size for v in got.values()) != params:
+                raise RuntimeError(f"echo replied {len(got)} arrays of the wrong size in round {rnd}")
 
-    simulate(server_app, importable_echo_app, num_nodes=1, client_resources={"num_cpus": 1}, runtime=runtime)
+    params = sum(v.numel() for v in trainable_state(build(name)).values())
+    previous, PooledRayBackend.raw_arrays = PooledRayBackend.raw_arrays, raw
+    try:
+        simulate(server_app, importable_echo_app, num_nodes=1, client_resources={"num_cpus": 1}, runtime=runtime)
+    finally:
+        PooledRayBackend.raw_arrays = previous
     if errors:
         raise RuntimeError(f"end-to-end run of {name} failed") from errors[0]
     if len(times) != rounds:
@@ -200,8 +226,9 @@ def main() -> None:
     results = []
     for name in MODELS:
         row = {"model": name, **components(name, repeats, *echo_actors)}
-        row["end_to_end_flower_ms"] = end_to_end(name, rounds, "flower")
-        row["end_to_end_ms"] = end_to_end(name, rounds, "cxrfl")
+        row["end_to_end_flower_ms"] = end_to_end(name, rounds, "flower", raw=False)
+        row["end_to_end_npy_ms"] = end_to_end(name, rounds, "cxrfl", raw=False)
+        row["end_to_end_ms"] = end_to_end(name, rounds, "cxrfl", raw=True)
         row = {k: round(v, 1) if isinstance(v, float) and k.endswith("_ms") else v for k, v in row.items()}
         results.append(row)
         print(row, flush=True)
@@ -212,14 +239,18 @@ def main() -> None:
     met = target <= TARGET_MS
     verdict = f"target {TARGET_MODEL} <= {TARGET_MS:.0f} ms per message: {'met' if met else 'missed'} ({target} ms)"
     lines = [f"Medians of {repeats} repeats; end to end over rounds 2..{rounds}, one message per round to one "
-             "node (1 CPU actor), echo client loading the weights into torch; Flower runtime = its run_api "
-             "and grid (0.1 s polls), ours = doorbells; both with our backend (out-of-band arrays).", "",
+             "node (1 CPU actor) with a new global record each round, echo client loading the weights into "
+             "torch and replying in the form they came in; Flower runtime = its run_api and grid (0.1 s "
+             "polls), ours = doorbells; all with our backend (out-of-band buffers); npy = Flower's np.save "
+             "form, raw = raw arrays (the default).", "",
              *table({"model": "model", "params_m": "params (M)", "mb": "MB", "to_record_ms": "to_record ms",
                      "from_record_ms": "from_record ms", "weights_record_ms": "ours: weights_record ms",
                      "load_global_ms": "ours: load_global ms", "pickle_ms": "pickle ms",
                      "ray_roundtrip_ms": "Ray round trip ms", "ray_roundtrip_oob_ms": "Ray round trip ms (out of band)",
-                     "end_to_end_flower_ms": "end to end ms (Flower runtime)",
-                     "end_to_end_ms": "end to end ms (ours)"}, results),
+                     "raw_record_ms": "raw_record ms", "ray_roundtrip_raw_ms": "Ray round trip ms (raw)",
+                     "end_to_end_flower_ms": "end to end ms (Flower runtime, npy)",
+                     "end_to_end_npy_ms": "end to end ms (ours, npy)",
+                     "end_to_end_ms": "end to end ms (ours, raw)"}, results),
              "", verdict + "."]
     print(verdict, flush=True)
     report("message_cost" + (" --quick" if args.quick else ""),

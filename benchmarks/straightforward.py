@@ -46,6 +46,7 @@ from torchvision import transforms
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks._common import report, table  # noqa: E402
+from cxrfl_ray.data.torch_dataset import model_input  # noqa: E402
 from cxrfl_ray.tasks.models import create_model  # noqa: E402
 
 # (model, image size, steps per round, batch size): engine_overhead's resnet18 case, where local
@@ -58,12 +59,15 @@ EVAL_BATCH = 32  # our train.eval_batch_size default
 # -- the straightforward app (module level: Ray actors import it as benchmarks.straightforward) ----
 
 class PngFolder(Dataset):
-    """A folder of PNGs with a labels.csv (file,label): PIL decode on every read."""
+    """A folder of PNGs with a labels.csv (file,label[,test]): PIL decode on every read.
+    ``normalize``: ``image`` standardises each image as ours does (``model_input``)."""
 
-    def __init__(self, folder: str | Path, size: int) -> None:
-        self.folder = Path(folder)
+    def __init__(self, folder: str | Path, size: int, normalize: str = "none") -> None:
+        self.folder, self.size, self.normalize = Path(folder), size, normalize
         with open(self.folder / "labels.csv") as fh:
-            self.items = [(row["file"], int(row["label"])) for row in csv.DictReader(fh)]
+            rows = list(csv.DictReader(fh))
+        self.items = [(row["file"], int(row["label"])) for row in rows]
+        self.test = [row.get("test") == "1" for row in rows]
         self.transform = transforms.Compose([transforms.Resize((size, size)), transforms.ToTensor()])
 
     def __len__(self) -> int:
@@ -72,6 +76,8 @@ class PngFolder(Dataset):
     def __getitem__(self, index: int):
         file, label = self.items[index]
         image = Image.open(self.folder / file).convert("L")
+        if self.normalize != "none":
+            return model_input(np.asarray(image), self.size, 1, self.normalize), label
         return self.transform(image), label
 
 
@@ -80,15 +86,17 @@ def new_model(name: str) -> torch.nn.Module:
 
 
 def evaluate_model(model: torch.nn.Module, loader: DataLoader) -> dict[str, float]:
+    """Loss and accuracy over the loader's folder, and accuracy on its rows flagged ``test``."""
     model.eval()
-    loss_fn, loss, correct, total = torch.nn.CrossEntropyLoss(reduction="sum"), 0.0, 0, 0
+    loss_fn, loss, hits = torch.nn.CrossEntropyLoss(reduction="sum"), 0.0, []
     with torch.no_grad():
         for x, y in loader:
             out = model(x)
             loss += loss_fn(out, y).item()
-            correct += (out.argmax(1) == y).sum().item()
-            total += len(y)
-    return {"loss": loss / total, "accuracy": correct / total}
+            hits.extend((out.argmax(1) == y).tolist())
+    test = [h for h, flagged in zip(hits, loader.dataset.test) if flagged]
+    return {"loss": loss / len(hits), "accuracy": sum(hits) / len(hits),
+            "test_accuracy": sum(test) / len(test) if test else float("nan")}
 
 
 straightforward_app = ClientApp()
@@ -100,9 +108,13 @@ def train(msg: Message, context: Context) -> Message:
     partition = int(context.node_config["partition-id"])
     model = new_model(str(cfg["model"]))  # from scratch, every message
     model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
-    data = PngFolder(Path(str(cfg["data-dir"])) / f"client_{partition}", int(cfg["size"]))
+    data = PngFolder(Path(str(cfg["data-dir"])) / f"client_{partition}", int(cfg["size"]),
+                     str(cfg.get("normalize", "none")))
     loader = DataLoader(data, batch_size=int(cfg["batch-size"]), shuffle=True)
-    optimizer = torch.optim.Adam(model.parameters(), lr=float(cfg["lr"]))
+    if str(cfg.get("optimizer", "adam")) == "sgd":
+        optimizer = torch.optim.SGD(model.parameters(), lr=float(cfg["lr"]))
+    else:
+        optimizer = torch.optim.Adam(model.parameters(), lr=float(cfg["lr"]))
     loss_fn = torch.nn.CrossEntropyLoss()
     model.train()
     steps, total = 0, 0.0
@@ -131,15 +143,18 @@ def stock_run(spec: dict) -> dict:
 
     eval_ends: list[float] = []
     accuracy: list[float] = []
+    test_accuracy: list[float] = []
     server_app = ServerApp()
+    normalize = spec.get("normalize", "none")
 
     def central_evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         model = new_model(spec["model"])
         model.load_state_dict(arrays.to_torch_state_dict())
-        loader = DataLoader(PngFolder(Path(spec["data_dir"]) / "eval", spec["size"]), batch_size=EVAL_BATCH)
+        loader = DataLoader(PngFolder(Path(spec["data_dir"]) / "eval", spec["size"], normalize), batch_size=EVAL_BATCH)
         metrics = evaluate_model(model, loader)
         eval_ends.append(time.perf_counter())
         accuracy.append(metrics["accuracy"])
+        test_accuracy.append(metrics["test_accuracy"])
         return MetricRecord(metrics)
 
     @server_app.main()
@@ -148,7 +163,8 @@ def stock_run(spec: dict) -> dict:
         strategy = FedAvg(fraction_train=spec["per_round"] / spec["clients"], fraction_evaluate=0.0,
                           min_train_nodes=spec["per_round"], min_available_nodes=spec["clients"])
         config = ConfigRecord({"model": spec["model"], "data-dir": spec["data_dir"], "size": spec["size"],
-                               "steps": spec["steps"], "batch-size": spec["batch"], "lr": LR})
+                               "steps": spec["steps"], "batch-size": spec["batch"], "lr": spec.get("lr", LR),
+                               "optimizer": spec.get("optimizer", "adam"), "normalize": normalize})
         strategy.start(grid, ArrayRecord(new_model(spec["model"]).state_dict()), num_rounds=spec["rounds"],
                        train_config=config, evaluate_fn=central_evaluate)
 
@@ -159,25 +175,29 @@ def stock_run(spec: dict) -> dict:
     total = time.perf_counter() - start
     if len(eval_ends) != spec["rounds"] + 1:
         raise RuntimeError(f"straightforward run evaluated {len(eval_ends)} times, expected {spec['rounds'] + 1}")
-    return {"total_s": total, "rounds_s": np.diff(eval_ends).tolist(), "final_accuracy": accuracy[-1]}
+    return {"total_s": total, "rounds_s": np.diff(eval_ends).tolist(), "final_accuracy": accuracy[-1],
+            "final_test_accuracy": test_accuracy[-1], "to_round1_s": eval_ends[1] - start}
 
 
 # -- ours, data export, comparison ----------------------------------------------------------------
 
 def export_pngs(prep, out: Path) -> None:
-    """Our plan's client rows and evaluation rows as PNG folders (the stored PNG bytes as files)."""
+    """Our plan's client rows and evaluation rows as PNG folders (the stored PNG bytes as files);
+    the evaluation folder flags the central test rows (``test``)."""
     sets = {f"client_{k}": rows for k, rows in enumerate(prep.plan.clients)}
     sets["eval"] = np.unique(np.concatenate(list(prep.views.values())))
+    test_rows = set(prep.views.get(("central", prep.cfg.data.test_split), np.array([], dtype=np.int64)).tolist())
     for name, rows in sets.items():
         folder = out / name
         folder.mkdir(parents=True)
-        table_ = prep.dataset.take(np.sort(rows), ["id", "image", "label"]).to_pydict()
+        rows = np.sort(rows)
+        table_ = prep.dataset.take(rows, ["id", "image", "label"]).to_pydict()
         with open(folder / "labels.csv", "w", newline="") as fh:
             writer = csv.writer(fh)
-            writer.writerow(["file", "label"])
-            for i, (image, label) in enumerate(zip(table_["image"], table_["label"])):
+            writer.writerow(["file", "label", "test"])
+            for i, (row, image, label) in enumerate(zip(rows, table_["image"], table_["label"])):
                 (folder / f"{i:05d}.png").write_bytes(image)
-                writer.writerow([f"{i:05d}.png", label])
+                writer.writerow([f"{i:05d}.png", label, int(int(row) in test_rows)])
 
 
 def ours(cfg) -> dict:

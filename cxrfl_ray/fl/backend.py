@@ -106,6 +106,11 @@ class ClientActor(VirtualClientEngineActor):
     def __init__(self) -> None:
         use_out_of_band_arrays()
 
+    def warm(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` (the ClientApp's set-up for an experiment) before the first message, so its
+        imports, data and model are ready when the message comes."""
+        fn()
+
     def run_shared(self, app_fn, message: Message, cid: str, context: Context, order: list[str],
                    names: list[str], *records: ArrayRecord):
         """``run`` the message with the ArrayRecords ``names`` (resolved by Ray) put back in place."""
@@ -177,8 +182,12 @@ class PooledRayBackend(Backend):
 
     raw_arrays = True
 
-    def __init__(self, client_resources: dict[str, float], max_actors: int) -> None:
+    def __init__(self, client_resources: dict[str, float], max_actors: int,
+                 warm: Callable[[], None] | None = None) -> None:
+        """``warm``: run on every actor as soon as it is built (``ClientActor.warm``), while the
+        driver still prepares its side (round 0's evaluation)."""
         super().__init__({})
+        self.warm = warm
         if not ray.is_initialized():
             raise RuntimeError("PooledRayBackend needs a running Ray (the engine starts it)")
         self.client_resources = dict(client_resources)
@@ -213,6 +222,9 @@ class PooledRayBackend(Backend):
         self.idle = kept[: self.size] + [self._new_actor() for _ in range(self.size - len(kept[: self.size]))]
         for extra in kept[self.size:]:
             ray.kill(extra)
+        if self.warm is not None:  # queued before any message: an actor runs its tasks in order
+            for actor in self.idle:
+                actor.warm.remote(self.warm)
         self.app_fn = app_fn
         log.debug("actor pool: %d actors (%d reused)", self.size, min(len(kept), self.size))
 

@@ -87,6 +87,16 @@ def runtime(config_yaml: str, site_data: str | None = None) -> Runtime:
     return _RUNTIMES[key]
 
 
+def warm(config_yaml: str) -> None:
+    """Build this actor's runtime for an experiment before its first message arrives (the engine
+    queues it on every actor as it starts). A failure here is left to that message, which raises
+    it again and is reported as the client's failure."""
+    try:
+        runtime(config_yaml)
+    except Exception:  # noqa: BLE001 - reported by the first message
+        pass
+
+
 def weights_record(model: torch.nn.Module) -> ArrayRecord:
     """The model's trainable state in Flower's npy form (the server's first global weights)."""
     return npy_record(trainable_state(model))

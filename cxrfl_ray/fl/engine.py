@@ -177,7 +177,6 @@ def _run_clients(client_app, backend, nodes, state, contexts, pushed: Doorbell, 
     from flwr.server.superlink.fleet.vce.vce_api import put_message_into_state, worker
 
     inbox, outbox, metrics = Queue(), Queue(), VceMetrics()
-    backend.build(lambda: client_app)
     try:
         threads = [threading.Thread(target=_deliver, args=(state, nodes, inbox, pushed, stop)),
                    threading.Thread(target=put_message_into_state, args=(_RingingState(state, replied), outbox, stop))]
@@ -193,13 +192,15 @@ def _run_clients(client_app, backend, nodes, state, contexts, pushed: Doorbell, 
 
 
 def simulate(server_app, client_app, *, num_nodes: int, client_resources: dict[str, float],
-             runtime: str = "cxrfl") -> None:
+             runtime: str = "cxrfl", warm: Callable[[], None] | None = None) -> None:
     """Run a ServerApp against ``num_nodes`` virtual SuperNodes whose ClientApp runs on Ray actors.
 
     This is what Flower's ``run_simulation`` does (``_main_loop`` and ``start_vce``), with our
     backend, and (``runtime="cxrfl"``) without its polls; ``runtime="flower"`` runs Flower's own
     ``run_api`` and grid, for comparison. The ServerApp's exceptions are left to it (ours records
-    them in its ``Outcome``).
+    them in its ``Outcome``). ``warm``: the ClientApp's set-up, run on each actor as it starts;
+    with ``runtime="cxrfl"`` the actors start before the ServerApp, so their imports, data and
+    model are built while the ServerApp evaluates round 0 (Flower's runtime starts them after).
     """
     import secrets
 
@@ -234,7 +235,9 @@ def simulate(server_app, client_app, *, num_nodes: int, client_resources: dict[s
     grid = _event_grid_class()(state_factory, pushed, replied) if runtime == "cxrfl" else InMemoryGrid(state_factory)
     grid.set_run(run)
 
-    backend = PooledRayBackend(client_resources, max_actors=num_nodes)  # fails here if no client fits
+    backend = PooledRayBackend(client_resources, max_actors=num_nodes, warm=warm)  # fails here if no client fits
+    if runtime == "cxrfl":
+        backend.build(lambda: client_app)  # the actors start now (Flower's run_api builds its backend itself)
     stop = threading.Event()  # set by the ServerApp thread when it returns or raises
     server_context = Context(run_id=run.run_id, node_id=0, node_config=UserConfig(), state=RecordDict(),
                              run_config=UserConfig())
@@ -288,7 +291,7 @@ def run_federated(cfg: ExperimentConfig | None = None, quiet: bool = False, verb
         raise ConfigError(f"fl.min_replies {cfg.fl.min_replies} is more than the {cfg.clients_per_round} clients "
                           f"trained per round: every round would fail")
 
-    from cxrfl_ray.fl.client import app as client_app
+    from cxrfl_ray.fl.client import app as client_app, warm as warm_client
     from cxrfl_ray.fl.server import Outcome, make_server_app
 
     if resume is None:
@@ -303,7 +306,8 @@ def run_federated(cfg: ExperimentConfig | None = None, quiet: bool = False, verb
     # Any virtual node can play any plan client, so only a round's cohort of nodes is needed
     # (over-selection included).
     simulate(server_app, client_app, num_nodes=cohort_nodes(cfg, len(prep.plan.clients)),
-             client_resources={"num_cpus": cfg.fl.client_num_cpus, "num_gpus": cfg.fl.client_num_gpus})
+             client_resources={"num_cpus": cfg.fl.client_num_cpus, "num_gpus": cfg.fl.client_num_gpus},
+             warm=functools.partial(warm_client, cfg.to_yaml()))
     if isinstance(outcome.error, ValueError):  # ours (diverged, failed federation, bad input): the one error
         raise outcome.error
     if outcome.error is not None:
