@@ -76,17 +76,35 @@ def start_ray(**init_args) -> None:
                  **({} if in_job else {"runtime_env": {"env_vars": dict(QUIET_ENV)}}))
         return
     init = {"num_cpus": os.cpu_count() or 1, "include_dashboard": False,
-            "object_store_memory": 256 * 1024**2, "logging_level": logging.WARNING, "log_to_driver": True}
+            "object_store_memory": SMALL_OBJECT_STORE, "logging_level": logging.WARNING, "log_to_driver": True}
     init.update(init_args)
     ray.init(address="local", runtime_env=runtime_env, **init)
 
 
-def ensure_ray(cfg: ExperimentConfig) -> None:
-    """Start Ray unless the caller already has (then its settings stand and ``fl.ray_init`` is unused)."""
+SMALL_OBJECT_STORE = 256 * 1024**2
+
+
+def round_object_store(cfg: ExperimentConfig, messages: int) -> int:
+    """Bytes of Ray's object store a round of this run needs: the global weights and each of the
+    ``messages`` replies (twice over, for an algorithm's record of the same size beside them,
+    e.g. SCAFFOLD's), which stay mapped until the round is aggregated; at least 256 MiB, at most a
+    third of the machine's memory. A store smaller than that spills pinned replies to disk
+    (seconds of stall a round)."""
+    from cxrfl_ray.fl.algorithms.base import model_skeleton, trainable_state
+
+    model_bytes = sum(t.numel() * t.element_size() for t in trainable_state(model_skeleton(cfg)).values())
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return int(min(max(SMALL_OBJECT_STORE, 2 * (messages + 1) * model_bytes), memory // 3))
+
+
+def ensure_ray(cfg: ExperimentConfig, messages: int = 1) -> None:
+    """Start Ray unless the caller already has (then its settings stand and ``fl.ray_init`` is
+    unused), its object store sized for a round of ``messages`` replies unless ``fl.ray_init``
+    sets ``object_store_memory``."""
     import ray
 
     if not ray.is_initialized():
-        start_ray(**cfg.fl.ray_init)
+        start_ray(**{"object_store_memory": round_object_store(cfg, messages), **cfg.fl.ray_init})
 
 
 class Doorbell:
@@ -301,11 +319,12 @@ def run_federated(cfg: ExperimentConfig | None = None, quiet: bool = False, verb
         run_dir.mkdir(parents=True, exist_ok=True)
         cfg.save(run_dir / "config.yaml")
     outcome = Outcome()
-    ensure_ray(cfg)
+    nodes = cohort_nodes(cfg, len(prep.plan.clients))
+    ensure_ray(cfg, messages=nodes)
     server_app = make_server_app(prep, run_dir, outcome, quiet, resume=resume is not None, on_round=on_round)
     # Any virtual node can play any plan client, so only a round's cohort of nodes is needed
     # (over-selection included).
-    simulate(server_app, client_app, num_nodes=cohort_nodes(cfg, len(prep.plan.clients)),
+    simulate(server_app, client_app, num_nodes=nodes,
              client_resources={"num_cpus": cfg.fl.client_num_cpus, "num_gpus": cfg.fl.client_num_gpus},
              warm=functools.partial(warm_client, cfg.to_yaml()))
     if isinstance(outcome.error, ValueError):  # ours (diverged, failed federation, bad input): the one error

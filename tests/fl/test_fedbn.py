@@ -195,7 +195,7 @@ def test_personal_evaluation_is_global_weights_plus_each_sites_batchnorm_on_its_
 def test_fedbn_without_batchnorm_is_refused_before_ray_starts(phantoms, tmp_path, monkeypatch, over, message):
     from cxrfl_ray.fl.engine import run_federated
 
-    def no_ray(cfg):
+    def no_ray(cfg, **_):
         raise AssertionError("Ray was started for an invalid run")
 
     monkeypatch.setattr("cxrfl_ray.fl.engine.ensure_ray", no_ray)

@@ -52,3 +52,21 @@ def test_raw_arrays_give_the_npy_paths_metrics_and_weights_bit_for_bit(phantoms,
     assert raw_rows == npy_rows
     assert len([r for r in raw_rows if r[0] == "client" and r[3] == "train_loss"]) == 4  # 2 rounds x 2 clients trained
     assert raw_weights.keys() == npy_weights.keys() and raw_weights == npy_weights
+
+
+def test_rays_object_store_is_sized_for_a_rounds_replies(phantoms, tmp_path):
+    """Replies stay mapped in the object store until the round is aggregated: a store too small
+    for them spills to disk, so the engine sizes the one it starts from the model and cohort."""
+    import os
+
+    from cxrfl_ray.fl.engine import SMALL_OBJECT_STORE, round_object_store
+
+    data = phantoms(n=40, size=48)
+    tiny = config(data, tmp_path)
+    assert round_object_store(tiny, messages=10) == SMALL_OBJECT_STORE  # kilobytes of weights: the small store
+    big = config(data, tmp_path, model={"name": "resnet18"})
+    resnet18 = 11_170_000 * 4  # float32 weights, about 44.7 MB
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    expected = min(2 * 11 * resnet18, memory // 3)
+    assert abs(round_object_store(big, messages=10) - expected) < 0.01 * expected
+    assert round_object_store(big, messages=10_000) == memory // 3  # never more than a third of the machine

@@ -205,7 +205,7 @@ def test_scaffold_on_the_engine_keeps_state_per_client_and_resumes_exactly(phant
 def test_scaffold_refuses_a_non_sgd_optimizer_or_momentum_before_ray_starts(phantoms, tmp_path, monkeypatch):
     from cxrfl_ray.fl.engine import run_federated
 
-    def no_ray(cfg):
+    def no_ray(cfg, **_):
         raise AssertionError("Ray was started for a refused run")
 
     monkeypatch.setattr("cxrfl_ray.fl.engine.ensure_ray", no_ray)

@@ -104,7 +104,7 @@ def test_invalid_federations_are_refused_by_the_config(phantoms, tmp_path, over,
 
 
 def test_invalid_runs_stop_before_ray_starts(phantoms, tmp_path, monkeypatch):
-    def no_ray(cfg):
+    def no_ray(cfg, **_):
         raise AssertionError("Ray was started for an invalid run")
 
     monkeypatch.setattr("cxrfl_ray.fl.engine.ensure_ray", no_ray)
@@ -328,7 +328,7 @@ def test_resume_of_a_run_whose_config_was_edited_is_refused_before_ray_starts(ph
     from cxrfl_ray.fl.state import save_state
     from cxrfl_ray.tasks.models import create_model
 
-    def no_ray(cfg):
+    def no_ray(cfg, **_):
         raise AssertionError("Ray was started for a refused resume")
 
     monkeypatch.setattr("cxrfl_ray.fl.engine.ensure_ray", no_ray)

@@ -104,7 +104,7 @@ def _config(data, tmp_path, strategy: str, options: dict, clients: int = 3, **fl
 ])
 def test_options_that_do_not_fit_the_cohort_stop_before_ray_starts(phantoms, tmp_path, monkeypatch, strategy, options,
                                                                      fl, message):
-    def no_ray(cfg):
+    def no_ray(cfg, **_):
         raise AssertionError("Ray was started for an invalid run")
 
     monkeypatch.setattr("cxrfl_ray.fl.engine.ensure_ray", no_ray)
