@@ -142,6 +142,35 @@ def record_like(tensors: dict, like: ArrayRecord) -> ArrayRecord:
     return raw_record(tensors) if is_raw(like) else npy_record(tensors)
 
 
+ALIGN = 64  # each array's offset in a packed buffer: aligned for any dtype and for vector loads
+
+
+def pack(record: ArrayRecord) -> tuple[list[tuple[str, str, tuple, int]], np.ndarray]:
+    """The record's arrays copied into one buffer, with (name, dtype, shape, offset) of each.
+
+    Ray moves one large buffer at memory speed, but handles every out-of-band buffer of an object
+    on its own: a ResNet50 record as 320 buffers took 45-120 ms to put where the same bytes as one
+    buffer took 8-14 ms (2 cores). One copy here buys that back."""
+    arrays = [(key, view(value)) for key, value in record.items()]
+    index, offset = [], 0
+    for key, arr in arrays:
+        index.append((key, str(arr.dtype), tuple(arr.shape), offset))
+        offset += -(-arr.nbytes // ALIGN) * ALIGN
+    buffer = np.empty(offset, dtype=np.uint8)
+    for (_, _, _, start), (_, arr) in zip(index, arrays):
+        buffer[start:start + arr.nbytes] = _contiguous(arr).reshape(-1).view(np.uint8)
+    return index, buffer
+
+
+def unpack(index: list[tuple[str, str, tuple, int]], buffer: np.ndarray) -> ArrayRecord:
+    """The record of raw arrays over one buffer (``pack``'s), each a view of its part."""
+    out = {}
+    for key, dtype, shape, start in index:
+        nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+        out[key] = RawArray.from_parts(dtype, shape, buffer[start:start + nbytes])
+    return record_of(out)
+
+
 def as_raw(record: ArrayRecord) -> ArrayRecord:
     """The same arrays as raw arrays over the record's own bytes (no copy)."""
     if all(isinstance(v, RawArray) for v in record.values()):

@@ -44,7 +44,7 @@ from flwr.server.superlink.fleet.vce.backend import Backend
 from flwr.simulation.ray_transport.ray_actor import VirtualClientEngineActor
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from cxrfl_ray.fl.arrays import RawArray, as_raw
+from cxrfl_ray.fl.arrays import RawArray, as_raw, pack, record_of, unpack
 
 log = logging.getLogger("cxrfl.fl")
 
@@ -92,11 +92,25 @@ def _raw_from_parts(parts: tuple) -> RawArray:
     return RawArray.from_parts(*parts)
 
 
+def _record_parts(record: ArrayRecord) -> tuple:
+    """A record of raw arrays as one packed buffer (``arrays.pack``); any other as its arrays."""
+    if len(record) and all(isinstance(v, RawArray) for v in record.values()):
+        return ("packed", *pack(record))
+    return ("arrays", list(record.items()))
+
+
+def _record_from_parts(parts: tuple) -> ArrayRecord:
+    if parts[0] == "packed":
+        return unpack(parts[1], parts[2])
+    return record_of(dict(parts[1]))
+
+
 def use_out_of_band_arrays() -> None:
     """Send arrays' buffers through Ray out of band from this process (Ray applies a custom
     serializer in the process that pickles; the reader needs only this module importable)."""
     ray.util.register_serializer(Array, serializer=_array_parts, deserializer=_array_from_parts)
     ray.util.register_serializer(RawArray, serializer=_raw_parts, deserializer=_raw_from_parts)
+    ray.util.register_serializer(ArrayRecord, serializer=_record_parts, deserializer=_record_from_parts)
 
 
 class ClientActor(VirtualClientEngineActor):
