@@ -155,12 +155,13 @@ class SharedArrays:
     def refs(self, records: list[ArrayRecord]) -> list:
         """Object references for one message's records (the records of earlier messages go:
         Ray frees them when unused)."""
-        held = []
         with self._lock:
-            for record in records:
-                items = [(name, array.data) for name, array in record.items()]
-                hit = next((h for h in self._held if h[0] is record and _same(h[1], items)), None)
-                held.append(hit or (record, items, ray.put(as_raw(record) if self.raw else record)))
+            wanted = [(record, [(name, array.data) for name, array in record.items()]) for record in records]
+            hits = [next((h for h in self._held if h[0] is record and _same(h[1], items)), None)
+                    for record, items in wanted]
+            self._held = [h for h in hits if h is not None]  # the last round's records go before the new ones are put
+            held = [hit or (record, items, ray.put(as_raw(record) if self.raw else record))
+                    for hit, (record, items) in zip(hits, wanted)]
             self._held = held
         return [h[2] for h in held]
 

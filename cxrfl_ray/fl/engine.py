@@ -85,16 +85,16 @@ SMALL_OBJECT_STORE = 256 * 1024**2
 
 
 def round_object_store(cfg: ExperimentConfig, messages: int) -> int:
-    """Bytes of Ray's object store a round of this run needs: the global weights and each of the
-    ``messages`` replies (twice over, for an algorithm's record of the same size beside them,
-    e.g. SCAFFOLD's), which stay mapped until the round is aggregated; at least 256 MiB, at most a
-    third of the machine's memory. A store smaller than that spills pinned replies to disk
-    (seconds of stall a round)."""
+    """Bytes of Ray's object store a round of this run needs: the last and the new global weights
+    and each of the ``messages`` replies (twice over, for an algorithm's record of the same size
+    beside them, e.g. SCAFFOLD's), which stay mapped until the round is aggregated; at least 256
+    MiB, at most a third of the machine's memory. A store smaller than that spills pinned replies
+    to disk (seconds of stall a round)."""
     from cxrfl_ray.fl.algorithms.base import model_skeleton, trainable_state
 
     model_bytes = sum(t.numel() * t.element_size() for t in trainable_state(model_skeleton(cfg)).values())
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return int(min(max(SMALL_OBJECT_STORE, 2 * (messages + 1) * model_bytes), memory // 3))
+    return int(min(max(SMALL_OBJECT_STORE, 2 * (messages + 2) * model_bytes), memory // 3))
 
 
 def ensure_ray(cfg: ExperimentConfig, messages: int = 1) -> None:

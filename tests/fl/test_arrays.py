@@ -83,3 +83,19 @@ def test_flowers_fedavg_aggregates_raw_replies_to_the_same_bits_as_npy_replies()
         assert from_raw[key].data == from_npy[key].data, key  # identical bytes
     mean = sum(r["conv.weight"].numpy() * (n / sum(examples)) for r, n in zip(replies, examples))
     np.testing.assert_allclose(views(from_raw)["conv.weight"], mean, rtol=1e-6)
+
+
+def test_a_packed_record_is_one_aligned_buffer_whose_views_hold_every_array():
+    from cxrfl_ray.fl.arrays import ALIGN, pack, unpack
+
+    t = tensors(7)
+    index, buffer = pack(raw_record(t))
+    assert buffer.dtype == np.uint8 and buffer.ndim == 1
+    assert [k for k, *_ in index] == list(t) and all(offset % ALIGN == 0 for *_, offset in index)
+    back = unpack(index, buffer)
+    assert list(back) == list(t)
+    for key, value in t.items():
+        got = view(back[key])
+        assert np.array_equal(got, value.numpy()) and got.dtype == value.numpy().dtype and got.shape == tuple(value.shape)
+        assert np.shares_memory(got, buffer)  # a view of the one buffer, not a copy
+    assert unpack(*pack(npy_record(t))) == back  # the npy form packs to the same arrays
