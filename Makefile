@@ -45,6 +45,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/train_step.py --quick
 	$(BIN)/python benchmarks/engine_overhead.py --quick
 	$(BIN)/python benchmarks/message_cost.py --quick
+	$(BIN)/python benchmarks/versus_flower.py --quick
 	$(BIN)/python benchmarks/straightforward.py --quick
 	$(BIN)/python benchmarks/sweep_packing.py --quick
 	$(BIN)/python benchmarks/population.py --quick
