@@ -55,7 +55,7 @@ class _DropKnownNoise(logging.Filter):
 
 def start_ray(**init_args) -> None:
     """Connect to the Ray cluster in ``RAY_ADDRESS`` (set inside a Ray job), else start a new
-    local Ray for simulations: all CPUs, a small object store, no dashboard, quiet
+    local Ray for simulations: all CPUs, ``default_object_store()``, no dashboard, quiet
     (``init_args`` override, e.g. ``fl.ray_init``). Actors get the driver's import path and env.
 
     A new local Ray is asked for explicitly (``address="local"``): plain ``ray.init()`` would
@@ -76,7 +76,7 @@ def start_ray(**init_args) -> None:
                  **({} if in_job else {"runtime_env": {"env_vars": dict(QUIET_ENV)}}))
         return
     init = {"num_cpus": os.cpu_count() or 1, "include_dashboard": False,
-            "object_store_memory": SMALL_OBJECT_STORE, "logging_level": logging.WARNING, "log_to_driver": True}
+            "object_store_memory": default_object_store(), "logging_level": logging.WARNING, "log_to_driver": True}
     init.update(init_args)
     ray.init(address="local", runtime_env=runtime_env, **init)
 
@@ -84,17 +84,27 @@ def start_ray(**init_args) -> None:
 SMALL_OBJECT_STORE = 256 * 1024**2
 
 
+def _memory() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def default_object_store() -> int:
+    """The object store of a Ray started here without a size: an eighth of the machine's memory,
+    between 256 MiB and 2 GiB. Replies stay mapped in it until their round is aggregated, so a
+    sweep's trials need room for their rounds; its pages are only touched when used."""
+    return int(min(max(SMALL_OBJECT_STORE, _memory() // 8), 2 * 1024**3))
+
+
 def round_object_store(cfg: ExperimentConfig, messages: int) -> int:
     """Bytes of Ray's object store a round of this run needs: the last and the new global weights
     and each of the ``messages`` replies (twice over, for an algorithm's record of the same size
-    beside them, e.g. SCAFFOLD's), which stay mapped until the round is aggregated; at least 256
-    MiB, at most a third of the machine's memory. A store smaller than that spills pinned replies
-    to disk (seconds of stall a round)."""
+    beside them, e.g. SCAFFOLD's), which stay mapped until the round is aggregated; at least the
+    default store, at most a third of the machine's memory. A store smaller than that spills
+    pinned replies to disk (seconds of stall a round)."""
     from cxrfl_ray.fl.algorithms.base import model_skeleton, trainable_state
 
     model_bytes = sum(t.numel() * t.element_size() for t in trainable_state(model_skeleton(cfg)).values())
-    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return int(min(max(SMALL_OBJECT_STORE, 2 * (messages + 2) * model_bytes), memory // 3))
+    return int(min(max(default_object_store(), 2 * (messages + 2) * model_bytes), _memory() // 3))
 
 
 def ensure_ray(cfg: ExperimentConfig, messages: int = 1) -> None:

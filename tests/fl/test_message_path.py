@@ -58,14 +58,15 @@ def test_rays_object_store_is_sized_for_a_rounds_replies(phantoms, tmp_path):
     for them spills to disk, so the engine sizes the one it starts from the model and cohort."""
     import os
 
-    from cxrfl_ray.fl.engine import SMALL_OBJECT_STORE, round_object_store
+    from cxrfl_ray.fl.engine import SMALL_OBJECT_STORE, default_object_store, round_object_store
 
     data = phantoms(n=40, size=48)
     tiny = config(data, tmp_path)
-    assert round_object_store(tiny, messages=10) == SMALL_OBJECT_STORE  # kilobytes of weights: the small store
+    assert SMALL_OBJECT_STORE <= default_object_store() <= 2 * 1024**3
+    assert round_object_store(tiny, messages=10) == default_object_store()  # kilobytes of weights: the default
     big = config(data, tmp_path, model={"name": "resnet18"})
     resnet18 = 11_170_000 * 4  # float32 weights, about 44.7 MB
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    expected = min(2 * 12 * resnet18, memory // 3)
-    assert abs(round_object_store(big, messages=10) - expected) < 0.01 * expected
+    expected = min(max(2 * 42 * resnet18, default_object_store()), memory // 3)  # 3.75 GB: above the default
+    assert abs(round_object_store(big, messages=40) - expected) < 0.01 * expected
     assert round_object_store(big, messages=10_000) == memory // 3  # never more than a third of the machine
