@@ -109,10 +109,16 @@ def wire_size(array: Array) -> int:
     federation's wire carries, so simulated traffic does not depend on the simulation's transport)."""
     if not isinstance(array, RawArray):
         return len(array.data)
+    return _npy_header_size(array.dtype, tuple(array.shape)) + len(array.data)
+
+
+@functools.lru_cache(maxsize=8192)
+def _npy_header_size(dtype: str, shape: tuple) -> int:
+    """Bytes of the npy header of a C-order array (counted for every array of every message)."""
     header = io.BytesIO()
-    np.lib.format.write_array_header_1_0(header, {"descr": np.lib.format.dtype_to_descr(np.dtype(array.dtype)),
-                                                   "fortran_order": False, "shape": tuple(array.shape)})
-    return len(header.getvalue()) + len(array.data)
+    np.lib.format.write_array_header_1_0(header, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)),
+                                                   "fortran_order": False, "shape": shape})
+    return len(header.getvalue())
 
 
 def npy_array(tensor: torch.Tensor | np.ndarray) -> Array:

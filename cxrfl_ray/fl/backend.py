@@ -21,12 +21,11 @@ It also moves model weights at memory speed (the messages and records stay Flowe
   any other record an algorithm sends with them, go into Ray's object store once per round, not
   once per message (``SharedArrays``), as raw arrays (``fl/arrays.py``): plain numpy buffers,
   not ``np.save`` bytes;
-- a raw array's buffer travels through Ray out of band (``use_out_of_band_arrays``): Ray copies
-  it once into its object store, and the receiver maps it there read-only instead of copying it
-  out. A client copies the global weights once, into its model, and replies with raw arrays over
-  its model's tensors, which Ray copies once into the object store when the actor returns; the
-  driver aggregates from the mapped reply. Three copies of the weights a client round, where
-  Flower's npy form through Ray made seven.
+- a record of raw arrays crosses Ray as one packed out-of-band buffer (``use_out_of_band_arrays``):
+  the sender packs it (one copy), Ray copies it once into its object store, and the receiver maps
+  it there read-only instead of copying it out. A client copies the global weights once, into its
+  model, and replies with raw arrays over its model's tensors (packed and stored when the actor
+  returns); the driver aggregates from the mapped reply, with no decode copy.
 """
 
 from __future__ import annotations

@@ -42,9 +42,8 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord, Message, RecordDict
 
-from cxrfl_ray.fl.arrays import raw_record, views
-
 from cxrfl_ray.config import ExperimentConfig
+from cxrfl_ray.fl.arrays import raw_record, views
 
 CODECS = ("none", "fp16", "int8")
 SCALE_SUFFIX = "::int8-scale"  # state-dict keys are dotted identifiers: "::" never occurs in one
