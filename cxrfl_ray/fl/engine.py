@@ -269,9 +269,10 @@ def simulate(server_app, client_app, *, num_nodes: int, client_resources: dict[s
     stop = threading.Event()  # set by the ServerApp thread when it returns or raises
     server_context = Context(run_id=run.run_id, node_id=0, node_config=UserConfig(), state=RecordDict(),
                              run_config=UserConfig())
-    server = run_serverapp_th(None, server_app, server_context, grid, "", stop, Queue(), False, Queue())
+    # The nodes exist before the ServerApp starts: a resumed run asks for them at once (no round 0)
     nodes = _register_nodes(num_nodes=num_nodes, state_factory=state_factory)
     contexts = _register_node_info_stores(nodes, run)
+    server = run_serverapp_th(None, server_app, server_context, grid, "", stop, Queue(), False, Queue())
     try:
         if runtime == "cxrfl":
             _run_clients(client_app, backend, list(nodes), state, contexts, pushed, replied, stop)
