@@ -349,3 +349,33 @@ def test_resume_of_a_run_whose_config_was_edited_is_refused_before_ray_starts(ph
         assert code == 2
         assert err == [f"cxrfl simulate: error: --resume {run}: {run / 'config.yaml'} was changed after rounds ran "
                        f"with it ({shown}); restore it, or start a new run"]
+
+
+@pytest.mark.timeout(120)
+def test_the_server_app_finds_every_virtual_node_at_its_first_step(ray_session, monkeypatch):
+    """A resumed run selects its cohort at once (it has no round 0 to evaluate first); the nodes
+    must be registered by then, however slowly the driver's thread gets to it."""
+    import time
+
+    from flwr.clientapp import ClientApp
+    from flwr.server.superlink.fleet.vce import vce_api
+    from flwr.serverapp import ServerApp
+
+    from cxrfl_ray.fl.engine import simulate
+
+    register = vce_api._register_nodes
+
+    def slow_register(**kwargs):
+        time.sleep(0.5)  # a starved driver thread
+        return register(**kwargs)
+
+    monkeypatch.setattr(vce_api, "_register_nodes", slow_register)
+    seen = []
+    server = ServerApp()
+
+    @server.main()
+    def main(grid, context):
+        seen.append(len(grid.get_node_ids()))
+
+    simulate(server, ClientApp(), num_nodes=3, client_resources={"num_cpus": 1, "num_gpus": 0})
+    assert seen == [3]
