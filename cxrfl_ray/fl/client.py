@@ -20,7 +20,8 @@ from cxrfl_ray.data.torch_dataset import ClientImages
 from cxrfl_ray.experiment import Prepared, prepare
 from cxrfl_ray.fl.algorithms import Algorithm, ClientRound, make_algorithm
 from cxrfl_ray.fl.algorithms.base import trainable_state
-from cxrfl_ray.fl.arrays import npy_record, record_like, torch_views
+from cxrfl_ray.fl.arrays import npy_record, torch_views
+from cxrfl_ray.fl.flat_weights import FlatWeights
 from cxrfl_ray.fl.privacy import privacy_class
 from cxrfl_ray.fl.compression import compressed_work
 from cxrfl_ray.fl.client_state import STATE_DIR_KEY, STATE_ROUND_KEY, ClientStateStore
@@ -50,6 +51,15 @@ class Runtime:
     algorithm: Algorithm
     site: bool = False  # a real federation's node: its own dataset is its one client
     images: dict[int, ClientImages] = field(default_factory=dict)
+    weights: FlatWeights = field(init=False)  # the model's weights in one buffer (one-copy load and reply)
+
+    def __post_init__(self) -> None:
+        self.weights = FlatWeights(self.model)
+
+    def load_global(self, arrays: ArrayRecord) -> None:
+        """The global weights into the model: one copy of a packed record, else ``load_global``."""
+        if not self.weights.load(arrays):
+            load_global(self.model, arrays)
 
     def rows(self, cid: int) -> np.ndarray:
         return self.prep.plan.clients[0 if self.site else cid]
@@ -163,14 +173,14 @@ def train(msg: Message, context: Context) -> Message:
     cid, server_round = int(config[CLIENT_KEY]), int(config["server-round"])
     _maybe_fail(rt.cfg, server_round, cid)
     started = time.perf_counter()
-    load_global(rt.model, msg.content["arrays"])
+    rt.load_global(msg.content["arrays"])
     work = _begin_work(rt, msg, context, cid, server_round)
     budget = int(config[BUDGET_KEY]) if BUDGET_KEY in config else None  # the round policy's partial work
     fit = fit_client(rt, cid, server_round, hooks=work, budget=budget)
     extra = work.finish(fit)
     metrics = MetricRecord({CLIENT_KEY: cid, "num-examples": len(rt.client_images(cid)), "train_loss": fit["loss"],
                             "steps": fit["steps"], "fit_seconds": time.perf_counter() - started})
-    arrays = record_like(work.reply_weights(), like=msg.content["arrays"])  # raw inside a simulation
+    arrays = rt.weights.record_like(work.reply_weights(), like=msg.content["arrays"])  # raw inside a simulation
     content = RecordDict({"arrays": arrays, "metrics": metrics, **extra})
     return Message(content=content, reply_to=msg)
 
@@ -201,7 +211,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     config = msg.content["config"]
     rt = runtime(str(config[EXPERIMENT_KEY]), _site_data(context))
     cid = int(config[CLIENT_KEY])
-    load_global(rt.model, msg.content["arrays"])
+    rt.load_global(msg.content["arrays"])
     rows = rt.rows(cid)
     metrics = rt.prep.task.evaluate(rt.model, rt.prep.loader(rows, train=False), rt.device, rt.loss_fn)
     record = {CLIENT_KEY: cid, "num-examples": int(rows.size)}

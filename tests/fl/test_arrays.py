@@ -99,3 +99,66 @@ def test_a_packed_record_is_one_aligned_buffer_whose_views_hold_every_array():
         assert np.array_equal(got, value.numpy()) and got.dtype == value.numpy().dtype and got.shape == tuple(value.shape)
         assert np.shares_memory(got, buffer)  # a view of the one buffer, not a copy
     assert unpack(*pack(npy_record(t))) == back  # the npy form packs to the same arrays
+
+
+def test_a_record_unpacked_from_a_buffer_packs_to_that_buffer_until_an_array_is_replaced():
+    from cxrfl_ray.fl.arrays import pack, unpack
+
+    t = tensors(8)
+    index, buffer = pack(raw_record(t))
+    ends = [o for *_, o in index[1:]] + [buffer.size]
+    for (_, dtype, shape, start), end in zip(index, ends):  # padding is zeros: the same bytes every run
+        used = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+        assert not buffer[start + used:end].any()
+    back = unpack(index, buffer)
+    again_index, again = pack(back)
+    assert again is buffer and again_index == index  # no copy
+    back["scalar"] = RawArray(np.array(1.0))
+    new_index, copied = pack(back)
+    assert copied is not buffer and view(unpack(new_index, copied)["scalar"]) == 1.0
+
+
+def _packed_replies(replies: list[dict[str, torch.Tensor]], examples: list[int]):
+    from cxrfl_ray.fl.arrays import pack, unpack
+
+    return [RecordDict({"arrays": unpack(*pack(raw_record(r))), "metrics": MetricRecord({"num-examples": n})})
+            for r, n in zip(replies, examples)]
+
+
+def test_the_packed_average_is_flowers_fedavg_bit_for_bit_with_its_dtypes():
+    from cxrfl_ray.fl.arrays import packed
+    from cxrfl_ray.fl.averaging import CHUNK, packed_average
+
+    def reply(seed: int) -> dict[str, torch.Tensor]:
+        g = torch.Generator().manual_seed(seed)
+        return {**tensors(seed), "half": torch.randn(5, generator=g).half(),  # a dtype of its own
+                "big": torch.randn(CHUNK * 2 + 13, generator=g),  # spans several chunks
+                "odd": torch.randn(3, generator=g), "flag": torch.tensor([True, False]), "tail": torch.randn(7, generator=g)}
+
+    replies, examples = [reply(s) for s in (11, 12, 13, 14)], [5, 9, 2, 31]
+    contents = _packed_replies(replies, examples)
+    ours = packed_average(contents, "num-examples")
+    flowers = aggregate_arrayrecords([RecordDict({"arrays": npy_record(r), "metrics": MetricRecord({"num-examples": n})})
+                                      for r, n in zip(replies, examples)], "num-examples")
+    assert packed(ours) is not None and list(ours) == list(flowers)
+    for key in flowers:
+        theirs = flowers[key].numpy()
+        got = view(ours[key])
+        assert got.dtype == theirs.dtype and got.shape == theirs.shape, key  # int64 and bool average to float64
+        assert got.tobytes() == theirs.tobytes(), key
+    assert view(ours["counts"]).dtype == np.float64 and view(ours["half"]).dtype == np.float16
+    np.testing.assert_allclose(view(ours["big"]), sum(r["big"].numpy() * (n / sum(examples))
+                                                      for r, n in zip(replies, examples)), rtol=1e-5, atol=1e-6)
+
+
+def test_the_packed_average_leaves_replies_it_cannot_read_to_flower():
+    from cxrfl_ray.fl.averaging import packed_average
+
+    replies, examples = [tensors(s) for s in (1, 2)], [1, 2]
+    assert packed_average([RecordDict({"arrays": npy_record(r), "metrics": MetricRecord({"num-examples": n})})
+                           for r, n in zip(replies, examples)], "num-examples") is None
+    mixed = _packed_replies(replies, examples)
+    mixed[1]["arrays"] = raw_record({k: v for k, v in replies[1].items() if k != "scalar"})  # not packed
+    assert packed_average(mixed, "num-examples") is None
+    other = _packed_replies([replies[0], {**replies[1], "scalar": torch.tensor([1.0, 2.0])}], examples)
+    assert packed_average(other, "num-examples") is None  # two layouts

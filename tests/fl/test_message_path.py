@@ -7,7 +7,7 @@ from __future__ import annotations
 import pyarrow.parquet as pq
 import pytest
 
-from cxrfl_ray.fl.arrays import RawArray, view
+from cxrfl_ray.fl.arrays import RawArray, packed, view
 from cxrfl_ray.fl.backend import PooledRayBackend
 from cxrfl_ray.fl.engine import run_federated
 from cxrfl_ray.fl.rounds import ServerHooks
@@ -17,15 +17,18 @@ from tests.fl.test_simulate import config
 TIMING = {"fit_seconds", "wall_time"}
 
 
-def run_with(raw: bool, cfg, monkeypatch) -> tuple[list[tuple], dict, set[type]]:
-    """One run on the raw or the npy path: its metrics (timings left out), final weights and the
-    types of the reply arrays the server aggregated."""
-    seen: set[type] = set()
+def run_with(raw: bool, cfg, monkeypatch) -> tuple[list[tuple], dict, set]:
+    """One run on the raw or the npy path: its metrics (timings left out), final weights, the
+    types of the reply arrays the server aggregated and whether each average came out packed
+    (``packed_average``, not Flower's)."""
+    seen: set = set()
     aggregate = ServerHooks.aggregate
 
     def recording(self, strategy, server_round, arrays, replies):
         seen.update(type(a) for r in replies for a in r.content["arrays"].values())
-        return aggregate(self, strategy, server_round, arrays, replies)
+        new, metrics = aggregate(self, strategy, server_round, arrays, replies)
+        seen.add("packed average" if packed(new) is not None else "flower's average")
+        return new, metrics
 
     with monkeypatch.context() as patch:  # undone after the run: the next run wraps the original
         patch.setattr(ServerHooks, "aggregate", recording)
@@ -47,7 +50,7 @@ def test_raw_arrays_give_the_npy_paths_metrics_and_weights_bit_for_bit(phantoms,
     npy_rows, npy_weights, npy_types = run_with(False, config(data, tmp_path / "npy", **over), monkeypatch)
     from flwr.app import Array
 
-    assert raw_types == {RawArray} and npy_types == {Array}  # each path really ran
+    assert raw_types == {RawArray, "packed average"} and npy_types == {Array, "flower's average"}  # each path ran
     assert raw_rows == npy_rows
     assert len([r for r in raw_rows if r[0] == "client" and r[3] == "train_loss"]) == 4  # 2 rounds x 2 clients trained
     assert raw_weights.keys() == npy_weights.keys() and raw_weights == npy_weights
