@@ -25,9 +25,11 @@ training. Components (median of several repeats, ms):
   read-only on each side);
 - ``end_to_end``: through the real runtime, ``cxrfl_ray.fl.engine.simulate`` with our backend:
   a small ServerApp sends one train message per round to one node with a new record of the
-  model's weights each round (a round's new global: the backend puts it in Ray's object store),
-  and an echo ClientApp (this module's ``echo_app``) loads the weights into a torch model and
-  replies with its weights in the form they came in (no training); the server reads every
+  model's weights each round (a round's new global: the backend puts it in Ray's object store;
+  raw: packed in a new buffer, as ``fl/averaging.py`` makes a round's average), and an echo
+  ClientApp (this module's ``echo_app``) loads the weights into a torch model whose weights live
+  in one buffer (``FlatWeights``, as our ClientApp's) and replies with its weights in the form
+  they came in (no training); the server reads every
   array of the reply. Per message = the median of rounds 2..N (round 1 pays for the actor's
   start-up, and the first puts into a fresh object store fault its pages in). Measured three ways in one run: Flower's runtime (``run_api`` and ``InMemoryGrid``,
   which poll every 0.1 s for pushed messages and for replies) with npy weights; ours (woken by a
@@ -63,9 +65,10 @@ from flwr.clientapp import ClientApp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks._common import report, table  # noqa: E402
-from cxrfl_ray.fl.arrays import raw_record, record_like, record_of, views  # noqa: E402
+from cxrfl_ray.fl.arrays import pack, raw_record, record_of, unpack, views  # noqa: E402
 from cxrfl_ray.fl.backend import PooledRayBackend, use_out_of_band_arrays  # noqa: E402
 from cxrfl_ray.fl.client import load_global, trainable_state, weights_record  # noqa: E402
+from cxrfl_ray.fl.flat_weights import FlatWeights  # noqa: E402
 from cxrfl_ray.tasks.models import create_model  # noqa: E402
 
 MODELS = ["tiny-conv", "linear-0.1M", "resnet18", "resnet50"]
@@ -82,19 +85,20 @@ def build(name: str) -> torch.nn.Module:
 # -- the echo ClientApp: importable (``benchmarks.message_cost``), so Ray actors import it ---------
 
 echo_app = ClientApp()
-_ECHO_MODELS: dict[str, torch.nn.Module] = {}  # one resident model per name, per actor
+_ECHO_MODELS: dict[str, FlatWeights] = {}  # one resident model per name, per actor, in one buffer
 
 
 @echo_app.train()
 def echo(msg: Message, context: Context) -> Message:
-    """Load the weights into torch, reply with them as our ClientApp does (in the form they came
-    in): the message path without training."""
+    """Load the weights into torch and reply with them as our ClientApp does (``Runtime.load_global``,
+    and the form they came in): the message path without training."""
     name = str(msg.content["config"]["model"])
     if name not in _ECHO_MODELS:
-        _ECHO_MODELS[name] = build(name)
-    model = _ECHO_MODELS[name]
-    load_global(model, msg.content["arrays"])
-    reply = record_like(trainable_state(model), like=msg.content["arrays"])
+        _ECHO_MODELS[name] = FlatWeights(build(name))
+    flat = _ECHO_MODELS[name]
+    if not flat.load(msg.content["arrays"]):
+        load_global(flat.model, msg.content["arrays"])
+    reply = flat.record_like(trainable_state(flat.model), like=msg.content["arrays"])
     return Message(content=RecordDict({"arrays": reply}), reply_to=msg)
 
 
@@ -174,7 +178,9 @@ def end_to_end(name: str, rounds: int, runtime: str, raw: bool) -> float:
             time.sleep(0.01)
         node = nodes[0]
         for rnd in range(1, rounds + 1):
-            new_global = record_of(dict(record.items()))  # a new record object: put again, as each round's is
+            # A new record each round, put again: on the raw path packed in a new buffer, as the
+            # round's average comes (fl/averaging.py); on the npy path Flower's form.
+            new_global = unpack(*pack(record)) if raw else record_of(dict(record.items()))
             content = RecordDict({"arrays": new_global, "config": ConfigRecord({"model": name})})
             t = time.perf_counter()
             replies = list(grid.send_and_receive([Message(content, node, "train", group_id=str(rnd))], timeout=600))
