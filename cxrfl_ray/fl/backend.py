@@ -22,10 +22,11 @@ It also moves model weights at memory speed (the messages and records stay Flowe
   once per message (``SharedArrays``), as raw arrays (``fl/arrays.py``): plain numpy buffers,
   not ``np.save`` bytes;
 - a record of raw arrays crosses Ray as one packed out-of-band buffer (``use_out_of_band_arrays``):
-  the sender packs it (one copy), Ray copies it once into its object store, and the receiver maps
-  it there read-only instead of copying it out. A client copies the global weights once, into its
-  model, and replies with raw arrays over its model's tensors (packed and stored when the actor
-  returns); the driver aggregates from the mapped reply, with no decode copy.
+  Ray copies it once into its object store, and the receiver maps it there read-only instead of
+  copying it out. The sender packs it first (one copy) unless it already lies in one buffer: a
+  round's FedAvg average (``fl/averaging.py``) and a client's reply over its model's weights
+  (``fl/flat_weights.py``) do. A client copies the global weights once, into its model; the
+  driver averages from the mapped replies, with no decode copy.
 """
 
 from __future__ import annotations
