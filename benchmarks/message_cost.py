@@ -23,6 +23,9 @@ training. Components (median of several repeats, ms):
   memory (what a client replies with inside a simulation; no copy);
 - ``ray_roundtrip_raw``: the Ray round trip of a Message carrying raw arrays (out of band, mapped
   read-only on each side);
+- ``average``: FedAvg of a round's 10 replies: Flower's ``aggregate_arrayrecords`` (over raw
+  replies, no decode) against ours (``fl/averaging.py``'s ``packed_average`` over packed replies,
+  the same bytes: checked);
 - ``end_to_end``: through the real runtime, ``cxrfl_ray.fl.engine.simulate`` with our backend:
   a small ServerApp sends one train message per round to one node with a new record of the
   model's weights each round (a round's new global: the backend puts it in Ray's object store;
@@ -149,7 +152,29 @@ def components(name: str, repeats: int, echo_actor, oob_echo_actor) -> dict:
     row["raw_record_ms"] = median_ms(lambda: raw_record(state), repeats)
     raw_msg = train_message(raw_record(state), name)
     row["ray_roundtrip_raw_ms"] = median_ms(lambda: ray.get(oob_echo_actor.echo.remote(raw_msg)), repeats)
+    row.update(averages(state, repeats))
     return row
+
+
+def averages(state: dict, repeats: int, replies: int = 10) -> dict:
+    """FedAvg of a round's ``replies`` replies of this model (different weights, client-id
+    order): Flower's ``aggregate_arrayrecords`` (over raw replies: no decode) against ours
+    (``packed_average`` over packed replies, as the backend's come)."""
+    from flwr.app import MetricRecord
+    from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
+
+    from cxrfl_ray.fl.averaging import packed_average
+
+    contents = []
+    for i in range(replies):
+        weights = unpack(*pack(raw_record({k: v * (1.0 + i / 100) for k, v in state.items()})))
+        contents.append(RecordDict({"arrays": weights, "metrics": MetricRecord({"num-examples": 30 + i})}))
+    flowers = aggregate_arrayrecords(contents, "num-examples")
+    ours = packed_average(contents, "num-examples")
+    if any(views(ours)[k].tobytes() != flowers[k].numpy().tobytes() for k in flowers):
+        raise RuntimeError("packed_average differs from Flower's aggregate_arrayrecords")
+    return {"average_flower_ms": median_ms(lambda: aggregate_arrayrecords(contents, "num-examples"), repeats),
+            "average_ms": median_ms(lambda: packed_average(contents, "num-examples"), repeats)}
 
 
 def end_to_end(name: str, rounds: int, runtime: str, raw: bool) -> float:
@@ -257,7 +282,9 @@ def main() -> None:
                      "raw_record_ms": "raw_record ms", "ray_roundtrip_raw_ms": "Ray round trip ms (raw)",
                      "end_to_end_flower_ms": "end to end ms (Flower runtime, npy)",
                      "end_to_end_npy_ms": "end to end ms (ours, npy)",
-                     "end_to_end_ms": "end to end ms (ours, raw)"}, results),
+                     "end_to_end_ms": "end to end ms (ours, raw)",
+                     "average_flower_ms": "FedAvg of 10 replies ms (Flower's)",
+                     "average_ms": "FedAvg of 10 replies ms (ours, packed)"}, results),
              "", verdict + "."]
     print(verdict, flush=True)
     report("message_cost" + (" --quick" if args.quick else ""),
