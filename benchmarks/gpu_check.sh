@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
-# The GPU session's one prepared command (repo root, a machine with one GPU), under 8 minutes:
+# The GPU session's one prepared command (repo root, a machine with one GPU), under 9 minutes:
 #   bash benchmarks/gpu_check.sh        (or: make bench-gpu)
 # nvidia-smi; train_step.py --device cuda --quick (images/s and peak GPU memory per client of
-# each model at its paper size); gpu_packing.py --device cuda (clients packed per GPU) with the
-# time that is left as its hard budget. Logs and the updated BENCHMARKS.md go to $OUT when set.
+# each model at its paper size); versus_flower.py --quick on the GPU (resnet50 at 224 px, 8
+# clients packed: clients/s of ours against stock Flower, issue 19); gpu_packing.py --device cuda
+# (clients packed per GPU) with the time that is left as its hard budget. Logs and the updated BENCHMARKS.md go to $OUT when set.
 # Python packages missing on the machine can come as wheels in .whl/ (installed to /tmp/site).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-LIMIT_S=${GPU_CHECK_LIMIT_S:-460}
+LIMIT_S=${GPU_CHECK_LIMIT_S:-540}
 out=${OUT:-/tmp/cxrfl-gpu-check}
 mkdir -p "$out"
 start=$(date +%s)
@@ -36,6 +37,8 @@ if [ -n "$missing" ]; then
 fi
 
 timeout 120 $PY benchmarks/train_step.py --device cuda --quick 2>&1 | tee "$out/train_step.log"
+timeout 200 $PY benchmarks/versus_flower.py --quick --device cuda --model resnet50 --size 224 --packed 8 2>&1 \
+  | tee "$out/versus_flower.log"
 # gpu_packing's own watchdog fires 30 s after its budget; leave that and its start and exit.
 left=$(( LIMIT_S - ($(date +%s) - start) ))
 timeout "$left" $PY benchmarks/gpu_packing.py --device cuda --budget-s $(( left - 60 )) 2>&1 | tee "$out/gpu_packing.log"

@@ -85,12 +85,13 @@ def new_model(name: str) -> torch.nn.Module:
     return create_model(name, "classification", 1, 3)
 
 
-def evaluate_model(model: torch.nn.Module, loader: DataLoader) -> dict[str, float]:
+def evaluate_model(model: torch.nn.Module, loader: DataLoader, device: str = "cpu") -> dict[str, float]:
     """Loss and accuracy over the loader's folder, and accuracy on its rows flagged ``test``."""
     model.eval()
     loss_fn, loss, hits = torch.nn.CrossEntropyLoss(reduction="sum"), 0.0, []
     with torch.no_grad():
         for x, y in loader:
+            x, y = x.to(device), y.to(device)
             out = model(x)
             loss += loss_fn(out, y).item()
             hits.extend((out.argmax(1) == y).tolist())
@@ -106,8 +107,10 @@ straightforward_app = ClientApp()
 def train(msg: Message, context: Context) -> Message:
     cfg = msg.content["config"]
     partition = int(context.node_config["partition-id"])
+    device = str(cfg.get("device", "cpu"))
     model = new_model(str(cfg["model"]))  # from scratch, every message
     model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+    model.to(device)
     data = PngFolder(Path(str(cfg["data-dir"])) / f"client_{partition}", int(cfg["size"]),
                      str(cfg.get("normalize", "none")))
     loader = DataLoader(data, batch_size=int(cfg["batch-size"]), shuffle=True)
@@ -120,6 +123,7 @@ def train(msg: Message, context: Context) -> Message:
     steps, total = 0, 0.0
     while steps < int(cfg["steps"]):  # epochs until `steps` batches, like ours
         for x, y in loader:
+            x, y = x.to(device), y.to(device)
             optimizer.zero_grad()
             loss = loss_fn(model(x), y)
             loss.backward()
@@ -129,7 +133,8 @@ def train(msg: Message, context: Context) -> Message:
             if steps == int(cfg["steps"]):
                 break
     metrics = MetricRecord({"train_loss": total / steps, "num-examples": len(data)})
-    content = RecordDict({"arrays": ArrayRecord(model.state_dict()), "metrics": metrics})
+    content = RecordDict({"arrays": ArrayRecord({k: v.cpu() for k, v in model.state_dict().items()}),
+                          "metrics": metrics})
     return Message(content=content, reply_to=msg)
 
 
@@ -150,8 +155,9 @@ def stock_run(spec: dict) -> dict:
     def central_evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         model = new_model(spec["model"])
         model.load_state_dict(arrays.to_torch_state_dict())
+        device = spec.get("device", "cpu")
         loader = DataLoader(PngFolder(Path(spec["data_dir"]) / "eval", spec["size"], normalize), batch_size=EVAL_BATCH)
-        metrics = evaluate_model(model, loader)
+        metrics = evaluate_model(model.to(device), loader, device)
         eval_ends.append(time.perf_counter())
         accuracy.append(metrics["accuracy"])
         test_accuracy.append(metrics["test_accuracy"])
@@ -164,14 +170,15 @@ def stock_run(spec: dict) -> dict:
                           min_train_nodes=spec["per_round"], min_available_nodes=spec["clients"])
         config = ConfigRecord({"model": spec["model"], "data-dir": spec["data_dir"], "size": spec["size"],
                                "steps": spec["steps"], "batch-size": spec["batch"], "lr": spec.get("lr", LR),
-                               "optimizer": spec.get("optimizer", "adam"), "normalize": normalize})
+                               "optimizer": spec.get("optimizer", "adam"), "normalize": normalize,
+                               "device": spec.get("device", "cpu")})
         strategy.start(grid, ArrayRecord(new_model(spec["model"]).state_dict()), num_rounds=spec["rounds"],
                        train_config=config, evaluate_fn=central_evaluate)
 
     start = time.perf_counter()
     run_simulation(server_app, straightforward_app, num_supernodes=spec["clients"],
-                   backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0},
-                                   "init_args": {"num_cpus": 2, "address": "local"}})
+                   backend_config={"client_resources": {"num_cpus": 1, "num_gpus": spec.get("num_gpus", 0)},
+                                   "init_args": {**spec.get("ray_init", {"num_cpus": 2}), "address": "local"}})
     total = time.perf_counter() - start
     if len(eval_ends) != spec["rounds"] + 1:
         raise RuntimeError(f"straightforward run evaluated {len(eval_ends)} times, expected {spec['rounds'] + 1}")
