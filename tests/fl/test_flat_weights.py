@@ -68,3 +68,36 @@ def test_a_model_moved_out_of_its_buffer_is_noticed_and_loaded_the_usual_way():
     assert not flat.intact()
     assert not flat.load(unpack(*pack(raw_record(trainable_state(model(1))))))
     assert packed(flat.record_like(trainable_state(net), like=raw_record({"x": torch.zeros(1)}))) is None
+
+
+def test_a_warmed_client_imports_nothing_more_and_replies_with_its_models_buffer(phantoms, tmp_path):
+    """The ClientApp's own ``train`` on a packed global (as our backend hands it): the runtime
+    built by ``warm`` serves it without importing any module, the global is loaded in one copy
+    and the reply is the model's buffer, holding the trained weights."""
+    import sys
+    import time
+
+    from flwr.app import ConfigRecord, Context, Message, MessageType, Metadata, RecordDict
+
+    from cxrfl_ray.fl import client
+    from cxrfl_ray.fl.strategies import CLIENT_KEY
+    from tests.fl.test_simulate import config
+
+    cfg = config(phantoms(n=40, size=48), tmp_path)
+    client.warm(cfg.to_yaml())
+    rt = client.runtime(cfg.to_yaml())
+    source = create_model(cfg.model.name, cfg.task, cfg.data.channels, rt.prep.num_classes)
+    global_ = unpack(*pack(raw_record(trainable_state(source))))
+    meta = Metadata(run_id=1, message_id="m1", src_node_id=0, dst_node_id=1, reply_to_message_id="", group_id="",
+                    created_at=time.time(), ttl=3600.0, message_type=MessageType.TRAIN)
+    msg = Message(content=RecordDict({"arrays": global_, "config": ConfigRecord(
+        {client.EXPERIMENT_KEY: cfg.to_yaml(), "server-round": 1, CLIENT_KEY: 0})}), metadata=meta)
+    before = set(sys.modules)
+    reply = client.train(msg, Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={}))
+    assert set(sys.modules) - before == set()
+    index, buffer = packed(reply.content["arrays"])
+    assert index == rt.weights.index and np.shares_memory(buffer, rt.weights.buffer.numpy())
+    trained = trainable_state(rt.model)
+    assert any(not torch.equal(trained[k], v) for k, v in trainable_state(source).items())  # it trained
+    for key, array in reply.content["arrays"].items():
+        assert np.array_equal(view(array), trained[key].numpy()), key
