@@ -45,6 +45,7 @@ from flwr.simulation.ray_transport.ray_actor import VirtualClientEngineActor
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from cxrfl_ray.fl.arrays import RawArray, as_raw, pack, record_of, unpack
+from cxrfl_ray.fl.memory import keep_freed_memory
 
 log = logging.getLogger("cxrfl.fl")
 
@@ -119,6 +120,7 @@ class ClientActor(VirtualClientEngineActor):
 
     def __init__(self) -> None:
         use_out_of_band_arrays()
+        keep_freed_memory()  # a round's activations reuse the last round's pages
 
     def warm(self, fn: Callable[[], None]) -> None:
         """Run ``fn`` (the ClientApp's set-up for an experiment) before the first message, so its
