@@ -20,7 +20,6 @@ Nothing is changed where the user set glibc's own ``MALLOC_*`` variables or mall
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import logging
 import os
 
@@ -48,7 +47,7 @@ def keep_freed_memory() -> bool:
         log.debug("malloc thresholds left as they are (%s)", ", ".join(users) or f"{OPT_OUT}=0")
         return False
     try:
-        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
+        mallopt = ctypes.CDLL(None).mallopt  # the process's own C library; none outside glibc
     except (OSError, AttributeError):
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
