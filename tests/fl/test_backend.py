@@ -63,6 +63,9 @@ def test_idle_actors_are_reused_then_released(ray_session, monkeypatch):
     first = PooledRayBackend({"num_cpus": 1}, max_actors=2)
     first.build(lambda: None)
     actors = list(first.idle)
+    # each actor process keeps the memory it frees (fl/memory.py), set as it started
+    assert ray.get([a.__ray_call__.remote(lambda _: __import__("cxrfl_ray.fl.memory").fl.memory._applied)
+                    for a in actors], timeout=60) == [True, True]
     first.terminate()
     second = PooledRayBackend({"num_cpus": 1}, max_actors=2)
     second.build(lambda: None)  # within the keep window: the same actors, no new processes

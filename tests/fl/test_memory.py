@@ -9,10 +9,10 @@ import pytest
 # Eight 8 MiB blocks written, freed, and again, as a training step's activations are: glibc's
 # default trims them off the heap, so every pass faults about 16,000 pages in again.
 PASSES = """
-import ctypes, ctypes.util, resource, sys
+import ctypes, resource, sys
 from cxrfl_ray.fl.memory import keep_freed_memory
 applied = keep_freed_memory() if sys.argv[1] == "keep" else None
-libc = ctypes.CDLL(ctypes.util.find_library("c"))
+libc = ctypes.CDLL(None)
 libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
 libc.free.argtypes = [ctypes.c_void_p]
 faults = []
@@ -29,7 +29,8 @@ print(applied, *faults)
 
 
 def _passes(mode: str, **env: str) -> tuple[str, list[int]]:
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "CXRFL_KEEP_FREED_MEMORY"}
+    clean = {k: v for k, v in os.environ.items()
+             if not k.startswith("MALLOC_") and k not in ("GLIBC_TUNABLES", "CXRFL_KEEP_FREED_MEMORY")}
     out = subprocess.run([sys.executable, "-c", PASSES, mode], env={**clean, **env}, capture_output=True,
                          text=True, check=True).stdout.split()
     return out[0], [int(n) for n in out[1:]]
