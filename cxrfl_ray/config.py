@@ -173,6 +173,9 @@ class FLConfig(Section):
     ray_init: dict[str, Any] = Field(default_factory=dict, description="extra ray.init arguments")
     round_timeout: Number = Field(600.0, gt=0, description="seconds to wait for a round's replies")
     client_eval: bool = Field(False, description="also evaluate on each selected client's val rows")
+    overlap_evaluation: bool = Field(
+        True, description="send round r+1 before the server evaluates round r, so clients train meanwhile "
+                          "(simulations; the same results)")
     thresholds: dict[str, Number] = Field(default_factory=dict, description="e.g. {jaccard: 0.92}")
     min_replies: Count = Field(1, ge=1, description="a round needs this many successful (finite) client updates")
     max_failed_rounds: Count = Field(

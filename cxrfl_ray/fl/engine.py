@@ -143,6 +143,8 @@ def _event_grid_class():
     from flwr.superlink.grid import InMemoryGrid
 
     class EventGrid(InMemoryGrid):
+        client_cpus = 0.0  # CPU cores the client actors hold on this machine (the server's evaluation shares the rest)
+
         def __init__(self, state_factory, pushed: Doorbell, replied: Doorbell) -> None:
             super().__init__(state_factory)
             self.pushed, self.replied = pushed, replied
@@ -153,20 +155,23 @@ def _event_grid_class():
             return ids
 
         def send_and_receive(self, messages, *, timeout: float | None = None):
-            """Flower's loop (push, pull until all replies are in or ``timeout``) with the wait on
-            the doorbell; ``pull_interval`` stays the longest wait, so replies the link state makes
-            itself (expired messages) are still found."""
-            pending = set(self.push_messages(messages))
-            end = time.time() + (timeout if timeout is not None else 0.0)
-            replies = []
-            while timeout is None or time.time() < end:
+            """Flower's loop (push, pull until all replies are in or ``timeout``), waiting on the doorbell."""
+            return self.receive(self.push_messages(messages), None if timeout is None else time.time() + timeout)
+
+        def receive(self, message_ids, deadline: float | None = None) -> list:
+            """The replies to pushed messages, once all are in or at ``deadline`` (``time.time()``;
+            None: no limit), so a caller can push a round and do other work before it waits.
+            ``pull_interval`` stays the longest wait, so replies the link state makes itself
+            (expired messages) are still found."""
+            pending, replies = set(message_ids), []
+            while deadline is None or time.time() < deadline:
                 seen = self.replied.rings
                 found = list(self.pull_messages(pending))
                 replies.extend(found)
                 pending.difference_update(m.metadata.reply_to_message_id for m in found)
                 if not pending:
                     break
-                left = self.pull_interval if timeout is None else max(0.0, end - time.time())
+                left = self.pull_interval if deadline is None else max(0.0, deadline - time.time())
                 self.replied.wait(seen, min(self.pull_interval, left))
             return replies
 
@@ -264,6 +269,7 @@ def simulate(server_app, client_app, *, num_nodes: int, client_resources: dict[s
     grid.set_run(run)
 
     backend = PooledRayBackend(client_resources, max_actors=num_nodes, warm=warm)  # fails here if no client fits
+    grid.client_cpus = backend.size * client_resources.get("num_cpus", 0.0)
     if runtime == "cxrfl":
         backend.build(lambda: client_app)  # the actors start now (Flower's run_api builds its backend itself)
     stop = threading.Event()  # set by the ServerApp thread when it returns or raises

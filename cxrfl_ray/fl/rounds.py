@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 from dataclasses import asdict, dataclass
 from typing import Callable
 
@@ -222,26 +223,60 @@ class ServerHooks:
         self.algorithm.restore(tensors)
 
 
-def train_round(strategy, grid, server_round: int, arrays: ArrayRecord, config, timeout: float,
-                hooks: ServerHooks) -> Trained:
-    """Send the round's cohort (the round policy's choice) the global weights and the algorithm's
-    records; of the usable updates, aggregate in client-id order those the policy counts (in time,
-    the K earliest), if the round did not fail, else keep ``arrays`` as they are."""
-    accepted = hooks.accepted
-    records = hooks.algorithm.message_records(server_round, arrays)
-    selection = hooks.system.select(server_round, message_bytes([arrays, *records.values()]))
+@dataclass
+class InFlight:
+    """A round whose messages are built and (``pushed``) out; ``finish_round`` collects its replies.
+    ``error``: what building it raised, kept to be raised when the round is finished, so the round
+    before it is still evaluated and saved first."""
 
-    def client_config(cid: int) -> dict:
-        budget = {BUDGET_KEY: selection.budgets[cid]} if cid in selection.budgets else {}
-        return {**(accepted.message_config(cid) if accepted else {}), **budget}
+    server_round: int
+    arrays: ArrayRecord
+    messages: list[Message]
+    selection: object = None
+    pushed: list[str] | None = None  # message ids, when the grid can receive later (``receive``)
+    deadline: float = 0.0  # time.time() after which missing replies are failures
+    error: BaseException | None = None
 
-    strategy.round_cohort = selection.clients
-    strategy.round_extras = (records, client_config)
-    messages = list(strategy.configure_train(server_round, arrays, config, grid))
-    good, failures = screen(messages, list(grid.send_and_receive(messages, timeout=timeout)), timeout)
+
+def send_round(strategy, grid, server_round: int, arrays: ArrayRecord, config, timeout: float,
+               hooks: ServerHooks, push: bool = False) -> InFlight:
+    """The round's cohort (the round policy's choice), each with the global weights, the
+    algorithm's records and its own config. ``push``: send them now (the grid must offer
+    ``receive``), so they train while the caller does other work; else ``finish_round`` sends them."""
+    try:
+        accepted = hooks.accepted
+        records = hooks.algorithm.message_records(server_round, arrays)
+        selection = hooks.system.select(server_round, message_bytes([arrays, *records.values()]))
+
+        def client_config(cid: int) -> dict:
+            budget = {BUDGET_KEY: selection.budgets[cid]} if cid in selection.budgets else {}
+            return {**(accepted.message_config(cid) if accepted else {}), **budget}
+
+        strategy.round_cohort = selection.clients
+        strategy.round_extras = (records, client_config)
+        messages = list(strategy.configure_train(server_round, arrays, config, grid))
+        flight = InFlight(server_round, arrays, messages, selection)
+        if push:
+            flight.pushed, flight.deadline = list(grid.push_messages(messages)), time.time() + timeout
+        return flight
+    except Exception as exc:  # noqa: BLE001 - raised by finish_round, after the round before is saved
+        if not push:
+            raise
+        return InFlight(server_round, arrays, [], error=exc)
+
+
+def finish_round(flight: InFlight, strategy, grid, timeout: float, hooks: ServerHooks) -> Trained:
+    """Of the round's usable updates, aggregate in client-id order those the policy counts (in
+    time, the K earliest), if the round did not fail, else keep the global weights as they were."""
+    if flight.error is not None:
+        raise flight.error
+    server_round, arrays, messages, accepted = flight.server_round, flight.arrays, flight.messages, hooks.accepted
+    replies = grid.receive(flight.pushed, flight.deadline) if flight.pushed is not None else \
+        grid.send_and_receive(messages, timeout=timeout)
+    good, failures = screen(messages, list(replies), timeout)
     counted = hooks.system.count(good, len(messages))
-    info: dict[str, float] = {"replied": float(len(good)), "offline": float(selection.offline), "aggregated": 0.0,
-                              **counted.info}
+    info: dict[str, float] = {"replied": float(len(good)), "offline": float(flight.selection.offline),
+                              "aggregated": 0.0, **counted.info}
     if hooks.policy.judge(server_round, len(messages), len(counted.kept), failures, len(counted.stragglers)):
         info["aggregated"] = float(len(counted.kept))
         new_arrays, aggregated = hooks.aggregate(strategy, server_round, arrays, counted.kept)
@@ -254,6 +289,13 @@ def train_round(strategy, grid, server_round: int, arrays: ArrayRecord, config, 
     if privacy:
         info["epsilon"] = max(m["epsilon"] for m in privacy.values())
     return Trained(arrays, len(messages), counted.kept, failures, info, privacy, counted)
+
+
+def train_round(strategy, grid, server_round: int, arrays: ArrayRecord, config, timeout: float,
+                hooks: ServerHooks) -> Trained:
+    """One round, sent and finished (``send_round``, ``finish_round``)."""
+    flight = send_round(strategy, grid, server_round, arrays, config, timeout, hooks)
+    return finish_round(flight, strategy, grid, timeout, hooks)
 
 
 def evaluate_global(server_round: int, arrays: ArrayRecord, evaluate: Callable[[], dict], metric: str,

@@ -19,7 +19,8 @@ from tqdm import tqdm
 from cxrfl_ray.experiment import Prepared, evaluate_views
 from cxrfl_ray.fl.client import EXPERIMENT_KEY, load_global, weights_record
 from cxrfl_ray.fl.privacy import SCOPE as PRIVACY_SCOPE
-from cxrfl_ray.fl.rounds import ServerHooks, evaluate_global, train_round
+from cxrfl_ray.fl.overlap import RoundsAhead
+from cxrfl_ray.fl.rounds import ServerHooks, evaluate_global
 from cxrfl_ray.fl.state import load_algorithm_state, load_state, restore_strategy, save_state
 from cxrfl_ray.fl.strategies import CLIENT_KEY, make_strategy, reply_client
 from cxrfl_ray.jsonio import write_json
@@ -121,7 +122,9 @@ def serve(grid: Grid, prep: Prepared, run_dir: Path, outcome: Outcome, *, quiet:
         ckpt = dict(cfg=cfg, num_classes=prep.num_classes, label_names=prep.label_names)
         best, best_round = None, None
         hooks = ServerHooks.for_run(cfg, num_clients, None if sites else run_dir / "clients", sites=sites)
-        evaluate_keys = functools.partial(evaluate_views, prep, model, device, loss_fn)
+        rounds = RoundsAhead(strategy, grid, train_config, cfg.fl.round_timeout, hooks, cfg.fl.rounds,
+                             enabled=cfg.fl.overlap_evaluation and not sites)
+        evaluate_keys = rounds.sharing_cpus(functools.partial(evaluate_views, prep, model, device, loss_fn))
         evaluate_all = functools.partial(evaluate_keys, list(prep.views))
 
         def evaluate_round(server_round: int) -> dict:
@@ -141,8 +144,8 @@ def serve(grid: Grid, prep: Prepared, run_dir: Path, outcome: Outcome, *, quiet:
             return results
 
         def save(server_round: int) -> None:
-            extra = {"best": best, "best_round": best_round, "failures_total": failures_total, **hooks.extra()}
-            save_state(run_dir, server_round, arrays, strategy, extra, cfg, hooks.state())
+            extra = {"best": best, "best_round": best_round, "failures_total": failures_total, **rounds.hooks_state[0]}
+            save_state(run_dir, server_round, arrays, strategy, extra, cfg, rounds.hooks_state[1])  # hooks: before the send
             hooks.saved()
 
         if resume:
@@ -157,6 +160,7 @@ def serve(grid: Grid, prep: Prepared, run_dir: Path, outcome: Outcome, *, quiet:
         else:
             done, failures_total = 0, 0
             sink = MetricsSink(run_dir / "metrics.parquet")
+            rounds.send(1, arrays)
             results = evaluate_round(0)
             tracker.log_round(0, sink.rows)
             save(0)
@@ -168,7 +172,7 @@ def serve(grid: Grid, prep: Prepared, run_dir: Path, outcome: Outcome, *, quiet:
             wait_for_sites(grid, num_clients, cfg.fl.round_timeout)
         bar = tqdm(total=cfg.fl.rounds, initial=done, unit="round", desc=cfg.name, disable=quiet, leave=False)
         for server_round in range(done + 1, cfg.fl.rounds + 1):
-            trained = train_round(strategy, grid, server_round, arrays, train_config, cfg.fl.round_timeout, hooks)
+            trained = rounds.train(server_round, arrays)
             arrays = trained.arrays
             failures_total += len(trained.failures)
             _log_clients(sink, server_round, "client", trained.good)
@@ -181,6 +185,7 @@ def serve(grid: Grid, prep: Prepared, run_dir: Path, outcome: Outcome, *, quiet:
                 eval_msgs = list(strategy.configure_evaluate(server_round, arrays, train_config, grid))
                 _log_clients(sink, server_round, "client_eval", sorted(
                     grid.send_and_receive(eval_msgs, timeout=cfg.fl.round_timeout), key=reply_client))
+            rounds.send(server_round + 1, arrays)
             results = evaluate_round(server_round)
             tracker.log_round(server_round, sink.rows)
             save(server_round)
@@ -206,12 +211,7 @@ def serve(grid: Grid, prep: Prepared, run_dir: Path, outcome: Outcome, *, quiet:
             "wall_time_s": round(time.time() - start, 2),
         }
         write_json(run_dir / "summary.json", outcome.summary)
-        curves = {f"{s}:{i}": sink.series(s, i, main_metric) for (s, i) in prep.views if s in ("central", "holdout")}
-        plot_series(run_dir / f"{main_metric}.png", curves, ylabel=main_metric, xlabel="round",
-                    title=f"{cfg.name}: {cfg.fl.strategy.name}")
-        plot_series(run_dir / f"{main_metric}_sim_hours.png",
-                    {k: [(hours.get(r, 0.0) / 3600, v) for r, v in c] for k, c in curves.items()},
-                    ylabel=main_metric, xlabel="simulated hours", title=f"{cfg.name}: {cfg.fl.strategy.name}")
+        _plot_curves(run_dir, prep, sink, main_metric, hours)
         write_pictures(run_dir, prep, device)
 
     tracker = WandbRun(cfg.tracking.wandb, run_dir, cfg.model_dump(mode="json"), name=run_dir.name,
@@ -220,6 +220,16 @@ def serve(grid: Grid, prep: Prepared, run_dir: Path, outcome: Outcome, *, quiet:
         _rounds(grid, tracker)
     finally:
         tracker.finish(outcome.summary)
+
+
+def _plot_curves(run_dir: Path, prep: Prepared, sink: MetricsSink, metric: str, hours: dict[int, float]) -> None:
+    """The central and held-out views' metric by round, and by simulated hours."""
+    title = f"{prep.cfg.name}: {prep.cfg.fl.strategy.name}"
+    curves = {f"{s}:{i}": sink.series(s, i, metric) for (s, i) in prep.views if s in ("central", "holdout")}
+    plot_series(run_dir / f"{metric}.png", curves, ylabel=metric, xlabel="round", title=title)
+    plot_series(run_dir / f"{metric}_sim_hours.png",
+                {k: [(hours.get(r, 0.0) / 3600, v) for r, v in c] for k, c in curves.items()},
+                ylabel=metric, xlabel="simulated hours", title=title)
 
 
 def _log_clients(sink: MetricsSink, server_round: int, scope: str, replies) -> None:

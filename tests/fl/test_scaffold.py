@@ -187,7 +187,13 @@ def test_scaffold_on_the_engine_keeps_state_per_client_and_resumes_exactly(phant
         np.testing.assert_allclose(value, sum(m[name].numpy() for m in mine) / 3, rtol=1e-4, atol=1e-7)
 
     stopped = stopped_after_round_1(cfg, tmp_path / "stopped")
-    assert saved_round(stopped) == 1 and state_files(stopped) == {0: [1], 1: [1]}  # client 2 has not trained
+    assert saved_round(stopped) == 1 and load_algorithm_state(stopped)["accepted_rounds"].tolist() == [1, 1, 0]
+    # Round 2 went out before round 1 was evaluated (fl/overlap.py), so its clients (1 and 2) may
+    # have written round-2 files when the run stopped; the saved state refers to none of them and
+    # the resumed run writes them again.
+    files = state_files(stopped)
+    assert {c: [1] for c, rs in files.items() if 1 in rs} == {0: [1], 1: [1]}
+    assert all(r in (1, 2) for rs in files.values() for r in rs) and all(rs == [2] for c, rs in files.items() if c == 2)
     run_federated(resume=stopped, quiet=True)
 
     strip = lambda run: [(r["round"], r["scope"], r["id"], r["metric"], r["value"])  # noqa: E731
