@@ -6,8 +6,8 @@ by whichever actor plays the client, so nothing holds all clients in memory (10,
 10,000 small files) and a replaced actor loses nothing. The server decides which file counts:
 each training message carries the round of the client's last *accepted* state (an update that
 was aggregated), so a file written in a round that failed, or that a killed run never finished
-(with ``fl.overlap_evaluation``, the round sent ahead when the run stopped), is never read, and ``--resume`` stays exact. In a simulation ``DIR`` is ``RUN/clients``; in a real
-federation it is on the site (``--node-config 'state-dir="..."'``), and the server only tracks
+(with ``fl.overlap_evaluation``, the round sent ahead when the run stopped), is never read, and
+``--resume`` stays exact. In a simulation ``DIR`` is ``RUN/clients``; in a real federation it is on the site (``--node-config 'state-dir="..."'``), and the server only tracks
 round numbers.
 """
 

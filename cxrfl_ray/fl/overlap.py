@@ -53,9 +53,9 @@ class RoundsAhead:
 
         @functools.wraps(evaluate)
         def shared(*args, **kwargs):
-            threads = torch.get_num_threads()
             if self._next is None:
                 return evaluate(*args, **kwargs)
+            threads = torch.get_num_threads()
             torch.set_num_threads(max(1, threads - math.ceil(getattr(self.grid, "client_cpus", 0))))
             try:
                 return evaluate(*args, **kwargs)

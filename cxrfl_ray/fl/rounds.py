@@ -291,13 +291,6 @@ def finish_round(flight: InFlight, strategy, grid, timeout: float, hooks: Server
     return Trained(arrays, len(messages), counted.kept, failures, info, privacy, counted)
 
 
-def train_round(strategy, grid, server_round: int, arrays: ArrayRecord, config, timeout: float,
-                hooks: ServerHooks) -> Trained:
-    """One round, sent and finished (``send_round``, ``finish_round``)."""
-    flight = send_round(strategy, grid, server_round, arrays, config, timeout, hooks)
-    return finish_round(flight, strategy, grid, timeout, hooks)
-
-
 def evaluate_global(server_round: int, arrays: ArrayRecord, evaluate: Callable[[], dict], metric: str,
                     strategy: object) -> dict:
     """``evaluate()`` of the global model, refused (``DivergedError``) when the model, or its loss or

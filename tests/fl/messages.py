@@ -1,12 +1,27 @@
-"""Shared by the algorithm tests: training replies as the engine hands them to the server, and a
-federated run stopped after a round as a killed one is."""
+"""Shared by the algorithm and engine tests: training replies as the engine hands them to the
+server, a federated run stopped after a round as a killed one is, and a run's results to compare."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 from flwr.app import Message, MessageType, Metadata, MetricRecord, RecordDict
+
+TIMING = {"fit_seconds", "wall_time"}
+
+
+def run_results(run: Path) -> tuple[list[tuple], dict[str, bytes]]:
+    """A finished run's metrics, timings left out, sorted (scope, id, round, metric, value), and
+    its round state's final weights as bytes: what two ways of running the same job must share."""
+    from cxrfl_ray.fl.arrays import view
+    from cxrfl_ray.fl.state import load_state
+
+    rows = sorted((r["scope"], r["id"], r["round"], r["metric"], r["value"])
+                  for r in pq.read_table(run / "metrics.parquet").to_pylist() if r["metric"] not in TIMING)
+    _, arrays, _, _ = load_state(run)
+    return rows, {k: view(v).tobytes() for k, v in arrays.items()}
 
 
 def train_reply(cid: int, content: dict, **metrics: float) -> Message:

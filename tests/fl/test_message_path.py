@@ -4,17 +4,14 @@ control deltas travel beside the weights, so every kind of record a round moves 
 
 from __future__ import annotations
 
-import pyarrow.parquet as pq
 import pytest
 
-from cxrfl_ray.fl.arrays import RawArray, packed, view
+from cxrfl_ray.fl.arrays import RawArray, packed
 from cxrfl_ray.fl.backend import PooledRayBackend
 from cxrfl_ray.fl.engine import run_federated
 from cxrfl_ray.fl.rounds import ServerHooks
-from cxrfl_ray.fl.state import load_state
+from tests.fl.messages import run_results
 from tests.fl.test_simulate import config
-
-TIMING = {"fit_seconds", "wall_time"}
 
 
 def run_with(raw: bool, cfg, monkeypatch) -> tuple[list[tuple], dict, set]:
@@ -34,10 +31,7 @@ def run_with(raw: bool, cfg, monkeypatch) -> tuple[list[tuple], dict, set]:
         patch.setattr(ServerHooks, "aggregate", recording)
         patch.setattr(PooledRayBackend, "raw_arrays", raw)
         run = run_federated(cfg, quiet=True)
-    rows = sorted((r["scope"], r["id"], r["round"], r["metric"], r["value"])
-                  for r in pq.read_table(run / "metrics.parquet").to_pylist() if r["metric"] not in TIMING)
-    _, arrays, _, _ = load_state(run)
-    return rows, {k: view(v).tobytes() for k, v in arrays.items()}, seen
+    return *run_results(run), seen
 
 
 @pytest.mark.timeout(300)

@@ -10,12 +10,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from cxrfl_ray.fl.arrays import view
 from cxrfl_ray.fl.engine import run_federated
-from cxrfl_ray.fl.state import load_state, saved_round
+from cxrfl_ray.fl.state import saved_round
+from tests.fl.messages import run_results
 from tests.fl.test_simulate import config
-
-TIMING = {"fit_seconds", "wall_time"}
 
 
 def run_recorded(cfg, monkeypatch) -> tuple[list[tuple], dict, dict, list[tuple]]:
@@ -39,11 +37,8 @@ def run_recorded(cfg, monkeypatch) -> tuple[list[tuple], dict, dict, list[tuple]
         patch.setattr(overlap, "send_round", sending)
         patch.setattr(server, "evaluate_views", evaluating)
         run = run_federated(cfg, quiet=True)
-    rows = sorted((r["scope"], r["id"], r["round"], r["metric"], r["value"])
-                  for r in pq.read_table(run / "metrics.parquet").to_pylist() if r["metric"] not in TIMING)
-    _, arrays, _, _ = load_state(run)
     last = {k: v.numpy().tobytes() for k, v in load_file(str(run / "last.safetensors")).items()}
-    return rows, {k: view(v).tobytes() for k, v in arrays.items()}, last, events
+    return *run_results(run), last, events
 
 
 @pytest.fixture

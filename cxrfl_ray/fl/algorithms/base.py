@@ -5,7 +5,7 @@ on the server) and Flower's strategy hooks. An ``Algorithm`` lives on the server
 run and in each Ray actor (built from the config); for one client's round it hands out a
 ``LocalWork``:
 
-client side (``fl/client.train``)             server side (``fl/rounds.train_round``)
+client side (``fl/client.train``)             server side (``fl/rounds.finish_round``)
   work = algorithm.local(ClientRound(...))      records = algorithm.message_records(round, arrays)
   work.begin()          model holds global      -> sent with every training message
   train_local(hooks=work)  loss_term, before_step

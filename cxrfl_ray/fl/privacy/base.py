@@ -2,7 +2,7 @@
 on each client a wrapper round the algorithm's local work. ``NoPrivacy`` (``privacy.mode: none``)
 changes nothing; ``client_level`` and ``sample_level`` are the two kinds of DP (docs/PRIVACY.md).
 
-server side (``fl/rounds.train_round``)
+server side (``fl/rounds.finish_round``)
   privacy.aggregate(round, arrays, replies, aggregate)
                                   the algorithm's ``aggregate`` on replies it may clip and noise
   privacy.account(round, replies) -> {id: metrics} logged under scope ``privacy`` (epsilon, ...)
