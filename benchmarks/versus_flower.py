@@ -8,6 +8,9 @@ cores.
 - **floor**: an in-process loop on one thread doing our engine's exact local steps and FedAvg
   (``engine_overhead.floor_run``): no messages, no processes. Two actors on two cores can at best
   halve its round (0.50x).
+- **two-core floor**: the floor's fits on two one-thread processes sharing memory, the driver
+  averaging and evaluating on all cores in between (``two_core_floor.two_core_floor_run``): what
+  two cores give this job with no framework. Its final weights must be the floor's, bit for bit.
 - **stock Flower**: ``flwr.simulation.run_simulation`` with Flower's ``FedAvg`` and a ClientApp
   that keeps nothing between messages (``straightforward.straightforward_app``: it builds the
   model and decodes its PNGs for every message), the same rows, model, steps, optimiser and
@@ -44,6 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks._common import report, table  # noqa: E402
 from benchmarks.engine_overhead import floor_run  # noqa: E402
 from benchmarks.straightforward import export_pngs  # noqa: E402
+from benchmarks.two_core_floor import two_core_floor_run  # noqa: E402
 
 CLIENTS, PER_ROUND, IMAGES_PER_CLIENT, STEPS, BATCH, LR, SIZE = 100, 10, 32, 5, 8, 0.05, 128
 STEADY_TARGET, COLD_S, WARM_S, GPU_TARGET = 0.55, 5.0, 1.0, 3.0
@@ -108,6 +112,12 @@ def stock(cfg, png: Path) -> dict:
     return json.loads(found[-1][len("STOCK "):])
 
 
+def floor_row(cfg, run: dict) -> dict:
+    """A floor's answer (``floor_run``'s keys) in the form ``row`` reads."""
+    return {"total_s": run["total_s"], "to_round1_s": run["setup_s"] + run["rounds_s"][0], "rounds_s": run["rounds_s"],
+            "final_test_accuracy": run["results"][("central", cfg.data.test_split)]["accuracy"]}
+
+
 def row(way: str, got: dict, base: dict | None) -> dict:
     steady = float(np.mean(got["rounds_s"][1:]))
     out = {"way": way, "total_s": round(got["total_s"], 2), "to_round1_s": round(got["to_round1_s"], 2),
@@ -149,10 +159,16 @@ def main() -> None:
         eval_rows = len(np.unique(np.concatenate(list(prep.views.values()))))
 
         floor = floor_run(cfg)
-        test_view = ("central", cfg.data.test_split)
-        floor_got = {"total_s": floor["total_s"], "to_round1_s": floor["setup_s"] + floor["rounds_s"][0],
-                     "rounds_s": floor["rounds_s"], "final_test_accuracy": floor["results"][test_view]["accuracy"]}
+        floor_got = floor_row(cfg, floor)
         print("floor", row("floor", floor_got, None), flush=True)
+        two_core_got = None
+        if args.device == "cpu":  # a property of the CPUs: the GPU's rows compare clients/s only
+            two_core = two_core_floor_run(cfg)
+            if two_core["hash"] != floor["hash"]:
+                raise SystemExit(f"the two-core floor's final weights ({two_core['hash']}) are not the floor's "
+                                 f"({floor['hash']}): it did different work")
+            two_core_got = floor_row(cfg, two_core)
+            print("two-core floor", row("two-core floor", two_core_got, floor_got), flush=True)
         stock_got = stock(cfg, tmp / "png")
         print("stock", row("stock", stock_got, floor_got), flush=True)
         if ray.is_initialized():
@@ -165,28 +181,40 @@ def main() -> None:
         strict = ours(strict_order(cfg))
         print("ours warm strict", row("ours", strict, floor_got), flush=True)
 
-    results = [row("floor (in-process, 1 thread)", floor_got, None),
+    two = row("two-core floor (2 processes of 1 thread, shared memory, no framework)", two_core_got, floor_got) \
+        if two_core_got else None
+    results = [row("floor (in-process, 1 thread)", floor_got, None), *([two] if two else []),
                row("stock Flower (run_simulation, FedAvg, ClientApp keeps nothing)", stock_got, floor_got),
                row("ours, cold (new Ray)", cold, floor_got), row("ours, warm (second simulation)", warm, floor_got),
                row("ours, warm, strict order (fl.overlap_evaluation false)", strict, floor_got)]
-    steady, stock_steady = results[2]["steady_x"], results[1]["steady_x"]
+    flwr, cold_row, warm_row, strict_row = results[-4:]
+    steady = cold_row["steady_x"]
     verdicts = [
         f"steady round ours <= {STEADY_TARGET}x the floor: {'met' if steady <= STEADY_TARGET else 'missed'} "
-        f"({steady}x; stock Flower {stock_steady}x)",
-        f"round 1 extra over the floor's, cold <= {COLD_S:.0f} s: "
-        f"{'met' if results[2]['round1_extra_s'] <= COLD_S else 'missed'} ({results[2]['round1_extra_s']} s); "
-        f"warm <= {WARM_S:.0f} s: {'met' if results[3]['round1_extra_s'] <= WARM_S else 'missed'} "
-        f"({results[3]['round1_extra_s']} s)",
+        f"({steady}x; stock Flower {flwr['steady_x']}x)",
     ]
-    verdicts.append(f"training through the server's evaluation: warm steady round {results[3]['steady_round_s']} s "
-                    f"against {results[4]['steady_round_s']} s in the strict order "
-                    f"({round(results[3]['steady_round_s'] / results[4]['steady_round_s'], 3)}x)")
+    if two:
+        def of_two(way: dict) -> float:
+            return round(way["steady_round_s"] / two["steady_round_s"], 3)
+
+        verdicts.append(f"two cores with no framework (the two-core floor): {two['steady_x']}x the floor per steady "
+                        f"round; ours {of_two(cold_row)}x it cold and {of_two(warm_row)}x warm, stock Flower "
+                        f"{of_two(flwr)}x")
+    verdicts += [
+        f"round 1 extra over the floor's, cold <= {COLD_S:.0f} s: "
+        f"{'met' if cold_row['round1_extra_s'] <= COLD_S else 'missed'} ({cold_row['round1_extra_s']} s); "
+        f"warm <= {WARM_S:.0f} s: {'met' if warm_row['round1_extra_s'] <= WARM_S else 'missed'} "
+        f"({warm_row['round1_extra_s']} s)",
+        f"training through the server's evaluation: warm steady round {warm_row['steady_round_s']} s "
+        f"against {strict_row['steady_round_s']} s in the strict order "
+        f"({round(warm_row['steady_round_s'] / strict_row['steady_round_s'], 3)}x)",
+    ]
     for line in verdicts:
         print(line, flush=True)
     where = (f"{args.packed} clients packed on one GPU (1 CPU each)" if args.device == "cuda"
              else "2 client actors of 1 CPU on 2 cores")
     if args.device == "cuda":
-        speedup = round(results[2]["clients_per_s"] / results[1]["clients_per_s"], 2)
+        speedup = round(cold_row["clients_per_s"] / flwr["clients_per_s"], 2)
         verdicts.append(f"clients/s ours >= {GPU_TARGET:.0f}x stock Flower's on the GPU: "
                         f"{'met' if speedup >= GPU_TARGET else 'missed'} ({speedup}x)")
     lines = [f"{args.model} at {args.size} px on {args.device}, {CLIENTS} clients of {min(sizes)}-{max(sizes)} images, cohort {PER_ROUND}, "
