@@ -13,10 +13,24 @@ BENCHMARKS_MD = Path(__file__).resolve().parents[1] / "BENCHMARKS.md"
 
 
 def machine() -> str:
+    """The host in one line, CPU model and the vector unit torch uses included: the same VM size
+    lands on different CPUs, and a row's speed depends on which (a 1-thread resnet18 fit took
+    1.1-1.3 s on the host of sessions 10-12 and 2.3-3.0 s on session 13's AMD EPYC with AVX2)."""
     import os
 
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return f"{platform.machine()}, {os.cpu_count()} CPU cores, {gpu}, torch {torch.__version__}"
+    return (f"{platform.machine()}, {os.cpu_count()} CPU cores ({cpu_model()}, "
+            f"{torch.backends.cpu.get_cpu_capability()}), {gpu}, torch {torch.__version__}")
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "CPU model unknown"
 
 
 def table(columns: dict[str, str], rows: list[dict]) -> list[str]:

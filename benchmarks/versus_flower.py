@@ -1,4 +1,4 @@
-"""One federated job three ways: the compute floor, stock Flower, and ours (issue 19).
+"""One federated job several ways: the compute floors, stock Flower, and ours (issue 19).
 
 The job: resnet18 at 128 px, 100 clients of about 32 synthetic images, a cohort of 10, 10 rounds
 of K = 5 plain SGD steps of 8 at lr 0.05, inputs standardised per image (``data.normalize:
@@ -6,8 +6,8 @@ image``), the central evaluation rows evaluated after every round, two 1-CPU cli
 cores.
 
 - **floor**: an in-process loop on one thread doing our engine's exact local steps and FedAvg
-  (``engine_overhead.floor_run``): no messages, no processes. Two actors on two cores can at best
-  halve its round (0.50x).
+  (``engine_overhead.floor_run``): no messages, no processes. Two actors on two cores could at best
+  halve its round (0.50x) if two trainings at once ran as fast as one (the two-core floor says).
 - **two-core floor**: the floor's fits on two one-thread processes sharing memory, the driver
   averaging and evaluating on all cores in between (``two_core_floor.two_core_floor_run``): what
   two cores give this job with no framework. Its final weights must be the floor's, bit for bit.
