@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import platform
 import time
@@ -31,6 +32,20 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or "CPU model unknown"
+
+
+def keeps_torch_threads(run):
+    """``run`` with the process's torch thread count restored after it (the floors set their own)."""
+
+    @functools.wraps(run)
+    def kept(*args, **kwargs):
+        threads = torch.get_num_threads()
+        try:
+            return run(*args, **kwargs)
+        finally:
+            torch.set_num_threads(threads)
+
+    return kept
 
 
 def table(columns: dict[str, str], rows: list[dict]) -> list[str]:

@@ -28,7 +28,7 @@ import pyarrow.parquet as pq
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks._common import report, table  # noqa: E402
+from benchmarks._common import keeps_torch_threads, report, table  # noqa: E402
 from cxrfl_ray.config import build_config  # noqa: E402
 from cxrfl_ray.data.synth import write_synthetic_dataset  # noqa: E402
 from cxrfl_ray.experiment import evaluate_views  # noqa: E402
@@ -80,22 +80,16 @@ def floor(cfg) -> tuple[float, float, list[float], dict, str]:
     return run["setup_s"], run["total_s"], run["rounds_s"], final_val(run["results"], run["main"]), run["hash"]
 
 
+@keeps_torch_threads
 def floor_run(cfg) -> dict:
     """In-process FedAvg with the engine's exact local work, on one thread (the client's
     ``fl.client_num_cpus``; the process's thread count is restored after): set-up, total and
     per-round seconds, the last round's results of every view, the final weights' hash."""
-    threads = torch.get_num_threads()
-    try:
-        return _floor_run(cfg)
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _floor_run(cfg) -> dict:
     start = time.perf_counter()
     rt = runtime(cfg.to_yaml())
     prep = rt.prep
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    # as a client actor; set here too, since runtime() sets it only when it first builds rt
+    torch.set_num_threads(cfg.train.num_threads or max(1, int(cfg.fl.client_num_cpus)))
     seed_everything(cfg.seed)
     server = create_model(cfg.model.name, cfg.task, cfg.data.channels, prep.num_classes, norm=cfg.model.norm)
     arrays = trainable_state(server)

@@ -25,6 +25,8 @@ from multiprocessing.shared_memory import SharedMemory
 import numpy as np
 import torch
 
+from benchmarks._common import keeps_torch_threads
+
 WORKERS = 2
 
 
@@ -71,18 +73,11 @@ def _worker(cfg_yaml: str, shm_name: str, parts: list, size: int, conn) -> None:
         shm.close()
 
 
+@keeps_torch_threads
 def two_core_floor_run(cfg) -> dict:
     """The floor's rounds with the cohort's fits on ``WORKERS`` one-thread processes: set-up,
     total and per-round seconds, the last round's results of every view, the final weights' hash
     (the keys of ``floor_run``'s answer)."""
-    threads = torch.get_num_threads()
-    try:
-        return _run(cfg)
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _run(cfg) -> dict:
     from benchmarks.engine_overhead import fedavg, weights_hash
     from cxrfl_ray.experiment import evaluate_views
     from cxrfl_ray.fl.client import runtime, trainable_state
