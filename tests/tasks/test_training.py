@@ -3,6 +3,7 @@ does clearly worse. Seeded, CPU, through the real `cxrfl train` path."""
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pyarrow.parquet as pq
@@ -94,6 +95,39 @@ def test_make_scheduler_cosine_over_total_steps_and_continued_after_done_steps()
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
     assert make_scheduler(opt, constant, 10) is None and make_scheduler(opt, constant, 10, 5) is None
     assert lrs(0, steps=2) == [0.1, 0.0]  # no division by zero for an empty run
+
+
+@pytest.mark.parametrize("name", ["adam", "adamw", "sgd", "adagrad"])
+def test_optimizers_take_the_fused_kernel_and_make_the_default_implementations_update(name):
+    import torch
+
+    from cxrfl_ray.tasks.training import fused, make_optimizer
+
+    cfg = build_config({"train": {"optimizer": name, "lr": 0.01, "momentum": 0.9 if name == "sgd" else 0.0,
+                                  "weight_decay": 1e-4}}).train
+    torch.manual_seed(0)
+    ours = torch.nn.Sequential(torch.nn.Linear(7, 5), torch.nn.ReLU(), torch.nn.Linear(5, 3))
+    reference = copy.deepcopy(ours)
+    opt = make_optimizer(ours.parameters(), cfg)
+    assert opt.defaults["fused"] is True
+    kwargs = {"lr": 0.01, "weight_decay": 1e-4, **({"momentum": 0.9} if name == "sgd" else {})}
+    ref = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD,
+           "adagrad": torch.optim.Adagrad}[name](reference.parameters(), foreach=False, **kwargs)
+    x, y = torch.randn(16, 7), torch.randint(0, 3, (16,))
+    for model, optimizer in ((ours, opt), (reference, ref)):
+        for _ in range(4):
+            optimizer.zero_grad()
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            optimizer.step()
+    start = copy.deepcopy(reference)  # the models moved, and moved alike
+    moved = [(a - b).abs().max().item() for a, b in zip(ours.parameters(), reference.parameters())]
+    assert max(moved) < 1e-5, moved
+    torch.manual_seed(0)
+    assert any((p - q).abs().max() > 1e-3 for p, q in zip(start.parameters(), torch.nn.Sequential(
+        torch.nn.Linear(7, 5), torch.nn.ReLU(), torch.nn.Linear(5, 3)).parameters()))
+    # an optimizer this torch has no fused kernel for (RMSprop takes no ``fused``) is built as it is
+    plain = fused(torch.optim.RMSprop)(iter(ours.parameters()), lr=0.01)
+    assert "fused" not in plain.defaults and len(plain.param_groups[0]["params"]) == 4
 
 
 def test_train_local_stops_at_the_first_nonfinite_loss():
