@@ -18,7 +18,6 @@ from torch import nn
 from cxrfl_ray.config import TrainConfig
 
 
-
 def fused(optimizer: type[torch.optim.Optimizer]) -> Callable[..., torch.optim.Optimizer]:
     """``optimizer`` with torch's fused kernel (one kernel over every parameter), else its default
     implementation where this torch or device has none. On CPU torch's default is a Python loop
