@@ -8,7 +8,7 @@ page faults), not of any FL engine, so it is measured here in the same run rathe
 Two spawned worker processes of one thread each build the floor's runtime once. Each round the
 driver writes the global weights into a shared-memory slot, each worker loads them, trains its
 half of the cohort (``fit_client``, the floor's exact call, clients alternating between workers
-in selection order) and writes each client's weights into that client's slot; the driver
+in selection order) and writes each client's weights into that client's slot (``fl.arrays.layout``'s layout); the driver
 averages the slots in selection order with the floor's ``fedavg`` and evaluates every view on all
 cores while the workers wait (the strict order: no round sent ahead). The shared buffers are
 allocated once and reused, so no message is encoded, pickled or copied beyond the one copy into
@@ -26,50 +26,45 @@ import numpy as np
 import torch
 
 from benchmarks._common import keeps_torch_threads
+from cxrfl_ray.fl.arrays import Index, layout, nbytes
 
 WORKERS = 2
 
 
-def _layout(state: dict[str, torch.Tensor]) -> tuple[list[tuple[str, torch.dtype, tuple, int]], int]:
-    """(name, dtype, shape, byte offset) of every array of one model's state, 64-byte aligned."""
-    parts, size = [], 0
-    for key, value in state.items():
-        parts.append((key, value.dtype, tuple(value.shape), size))
-        size += -(-value.numel() * value.element_size() // 64) * 64
-    return parts, size
+def _slots(buffer: memoryview, index: Index, size: int, count: int) -> list[dict[str, torch.Tensor]]:
+    """Writable tensors over each of the buffer's ``count`` slots of ``size`` bytes, laid out as
+    ``index`` says (no copy); slot 0 holds the global weights, slot k the k-th client's reply."""
+    flat = np.frombuffer(buffer, dtype=np.uint8)
+    slots = []
+    for slot in range(count):
+        part = flat[slot * size:(slot + 1) * size]
+        slots.append({key: torch.from_numpy(part[start:start + nbytes(dtype, shape)].view(dtype).reshape(shape))
+                      for key, dtype, shape, start in index})
+    return slots
 
 
-def _views(buffer: memoryview, parts: list, size: int, slot: int) -> dict[str, torch.Tensor]:
-    """Tensors over slot ``slot`` of the shared buffer (no copy)."""
-    flat = torch.frombuffer(buffer, dtype=torch.uint8, offset=slot * size, count=size)
-    return {key: flat[start:start + torch.empty((), dtype=dtype).element_size() * int(np.prod(shape))]
-            .view(dtype).view(shape) for key, dtype, shape, start in parts}
-
-
-def _worker(cfg_yaml: str, shm_name: str, parts: list, size: int, conn) -> None:
+def _worker(cfg_yaml: str, shm_name: str, index: Index, size: int, count: int, conn) -> None:
     from cxrfl_ray.fl.client import fit_client, runtime, trainable_state
     from cxrfl_ray.fl.memory import keep_freed_memory
 
     keep_freed_memory()  # as the engine's client actors do
     rt = runtime(cfg_yaml)  # one thread: fl.client_num_cpus
     shm = SharedMemory(name=shm_name)
+    slots = _slots(shm.buf, index, size, count)
     try:
-        slots: dict[int, dict[str, torch.Tensor]] = {}
         conn.send("ready")
         while (task := conn.recv()) is not None:
             rnd, jobs = task
-            glob = slots.setdefault(0, _views(shm.buf, parts, size, 0))
             sizes = []
             for slot, cid in jobs:
-                rt.model.load_state_dict(glob, strict=False)
+                rt.model.load_state_dict(slots[0], strict=False)
                 fit_client(rt, cid, rnd)
-                out = slots.setdefault(slot, _views(shm.buf, parts, size, slot))
                 for key, value in trainable_state(rt.model).items():
-                    out[key].copy_(value)
+                    slots[slot][key].copy_(value)
                 sizes.append(len(rt.client_images(cid)))
             conn.send(sizes)
-        slots.clear()
     finally:
+        del slots  # the tensors over the buffer, so that it can be closed
         shm.close()
 
 
@@ -92,19 +87,19 @@ def two_core_floor_run(cfg) -> dict:
     seed_everything(cfg.seed)
     server = create_model(cfg.model.name, cfg.task, cfg.data.channels, prep.num_classes, norm=cfg.model.norm)
     arrays = trainable_state(server)
-    parts, size = _layout(arrays)
+    index, size = layout((key, str(value.detach().numpy().dtype), tuple(value.shape)) for key, value in arrays.items())
     shm = SharedMemory(create=True, size=size * (cohort + 1))
+    slots = _slots(shm.buf, index, size, cohort + 1)
     context = multiprocessing.get_context("spawn")
-    pipes, procs, glob, slots = [], [], None, None
+    pipes, procs = [], []
     try:
         for _ in range(WORKERS):
             mine, theirs = context.Pipe()
-            proc = context.Process(target=_worker, args=(cfg.to_yaml(), shm.name, parts, size, theirs), daemon=True)
+            proc = context.Process(target=_worker, args=(cfg.to_yaml(), shm.name, index, size, cohort + 1, theirs),
+                                   daemon=True)
             proc.start()
             pipes.append(mine)
             procs.append(proc)
-        glob = _views(shm.buf, parts, size, 0)
-        slots = [_views(shm.buf, parts, size, s) for s in range(1, cohort + 1)]
         torch.set_num_threads(os.cpu_count() or WORKERS)  # the driver evaluates while the workers wait
         evaluate_views(prep, server, rt.device, rt.loss_fn, list(prep.views))
         for pipe, proc in zip(pipes, procs):
@@ -118,13 +113,13 @@ def two_core_floor_run(cfg) -> dict:
         for rnd in range(1, cfg.fl.rounds + 1):
             t = time.perf_counter()
             for key, value in arrays.items():
-                glob[key].copy_(value)
+                slots[0][key].copy_(value)
             chosen = list(select_clients(len(prep.plan.clients), cohort, cfg.seed, rnd))
             for w, pipe in enumerate(pipes):
                 pipe.send((rnd, [(i + 1, cid) for i, cid in enumerate(chosen) if i % WORKERS == w]))
             replies = [pipe.recv() for pipe in pipes]
             weights = [replies[i % WORKERS][i // WORKERS] for i in range(len(chosen))]
-            arrays = fedavg([slots[i] for i in range(len(chosen))], weights)
+            arrays = fedavg(slots[1:len(chosen) + 1], weights)
             server.load_state_dict(arrays, strict=False)
             results = evaluate_views(prep, server, rt.device, rt.loss_fn, list(prep.views))
             rounds.append(time.perf_counter() - t)
@@ -140,6 +135,6 @@ def two_core_floor_run(cfg) -> dict:
             proc.join(timeout=30)
             if proc.is_alive():
                 proc.terminate()
-        del glob, slots  # the tensors over the buffer, so that it can be closed
+        del slots  # the tensors over the buffer, so that it can be closed
         shm.close()
         shm.unlink()
