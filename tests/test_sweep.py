@@ -151,7 +151,7 @@ def test_a_killed_sweep_resumes_only_unfinished_trials(smoke_sweep, tmp_path, ra
     out = tmp_path / "sweep"
     half = ["space={train.epochs: {grid: [1, 2]}, fl.clients_per_round: {grid: [1]}}"]  # 2 of the 4 trials
     cmd = [sys.executable, "-m", "cxrfl_ray.cli", "sweep", str(SMOKE), "--out", str(out), "--quiet",
-           "--set", "max_concurrent=1", *sum((["--set", o] for o in smoke_overrides(data_tmp) + half), [])]
+           "--set", "max_retries=0", *sum((["--set", o] for o in smoke_overrides(data_tmp) + half), [])]
     proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 400
@@ -167,10 +167,10 @@ def test_a_killed_sweep_resumes_only_unfinished_trials(smoke_sweep, tmp_path, ra
     finished = {p.parent.name: p.parent.joinpath("metrics.parquet").stat().st_mtime_ns for p in out.glob("trials/*/summary.json")}
     assert len(finished) == 1  # the first of two trials finished, the second was killed
     with pytest.raises(ConfigError, match="exists; continue it with --resume"):
-        run_sweep(SMOKE, out=out, overrides=smoke_overrides(data_tmp) + half + ["max_concurrent=1"])
-    with pytest.raises(ConfigError, match="differs from the spec this sweep started with .* in: max_concurrent"):
+        run_sweep(SMOKE, out=out, overrides=smoke_overrides(data_tmp) + half + ["max_retries=0"])
+    with pytest.raises(ConfigError, match="differs from the spec this sweep started with .* in: max_retries"):
         run_sweep(SMOKE, out=out, resume=True, overrides=smoke_overrides(data_tmp) + half)
-    run_sweep(SMOKE, out=out, resume=True, quiet=True, overrides=smoke_overrides(data_tmp) + half + ["max_concurrent=1"])
+    run_sweep(SMOKE, out=out, resume=True, quiet=True, overrides=smoke_overrides(data_tmp) + half + ["max_retries=0"])
     for name, mtime in finished.items():  # finished trials were not run again
         assert (out / "trials" / name / "metrics.parquet").stat().st_mtime_ns == mtime
     resumed = pq.read_table(out / "trials.parquet").to_pandas()

@@ -219,7 +219,9 @@ class PooledRayBackend(Backend):
             where = "this placement group's bundles" if self.group is not None else "the Ray cluster"
             raise ValueError(f"no client fits in {where} with resources {self.client_resources}; "
                              "lower fl.client_num_cpus / fl.client_num_gpus")
-        self.size = min(slots, max(1, max_actors))
+        # A trial's bundles are reserved for it whatever its cohort: an actor in each, so a later
+        # trial of this Tune worker with a larger cohort finds them all warm (client_slots).
+        self.size = slots if self.group is not None else min(slots, max(1, max_actors))
         self._key = (ray.get_runtime_context().get_job_id(), self.group.id.hex() if self.group else None,
                      tuple(sorted(self.client_resources.items())))
         self.idle: list = []

@@ -269,7 +269,7 @@ def simulate(server_app, client_app, *, num_nodes: int, client_resources: dict[s
     grid.set_run(run)
 
     backend = PooledRayBackend(client_resources, max_actors=num_nodes, warm=warm)  # fails here if no client fits
-    grid.client_cpus = backend.size * client_resources.get("num_cpus", 0.0)
+    grid.client_cpus = min(backend.size, num_nodes) * client_resources.get("num_cpus", 0.0)  # the busy ones
     if runtime == "cxrfl":
         backend.build(lambda: client_app)  # the actors start now (Flower's run_api builds its backend itself)
     stop = threading.Event()  # set by the ServerApp thread when it returns or raises
