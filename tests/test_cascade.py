@@ -55,8 +55,8 @@ def cam_pipeline(tmp_path_factory) -> dict[str, Path]:
     # (median Jaccard 0.86 against the phantoms' own masks).
     paths["seg"] = _train("seg", "segmentation", "unet-resnet18", paths["full"], 64, 120, 3e-3, 4, runs)
     mask_dataset(paths["seg"], paths["full"], paths["masked"], progress=False)
-    paths["cls_full"] = _train("full", "classification", "resnet18", paths["full"], SIZE, 100, 1e-3, 16, runs)
-    paths["cls_masked"] = _train("masked", "classification", "resnet18", paths["masked"], SIZE, 100, 1e-3, 16, runs)
+    paths["cls_full"] = _train("full", "classification", "resnet18", paths["full"], SIZE, 70, 1e-3, 16, runs)
+    paths["cls_masked"] = _train("masked", "classification", "resnet18", paths["masked"], SIZE, 70, 1e-3, 16, runs)
     done.write_text(json.dumps({k: str(v) for k, v in paths.items()}))
     return paths
 
