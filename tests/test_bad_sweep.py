@@ -164,7 +164,8 @@ def test_a_trial_that_cannot_fit_the_nodes_says_what_to_lower(write_spec):
 
 
 def test_a_gpu_trial_on_a_cpu_cluster_names_the_gpu_settings(write_spec):
-    spec = load_spec(write_spec({"space": {"fl.clients_per_round": {"grid": [1, 2]}}}, {"fl": {"client_num_gpus": 0.5}}))
+    spec = load_spec(write_spec({"client_slots": None, "space": {"fl.clients_per_round": {"grid": [1, 2]}}},
+                                 {"fl": {"client_num_gpus": 0.5}}))
     configs = validate(spec)
     with pytest.raises(ConfigError, match=r"needs 1 CPUs and 0.5 GPUs .* fits 0 client slot\(s\) beside the "
                                           r"driver, .*: lower fl.clients_per_round \(or set client_slots\), "
