@@ -284,15 +284,14 @@ class PooledRayBackend(Backend):
 
 def _release(key: tuple, token: object) -> None:
     """Kill the actors of one hand-back that are still idle (not taken by a newer simulation)."""
-    with _LOCK:
+    with _LOCK:  # killed before they leave _IDLE: an empty _IDLE means every kept actor is going
         idle = _IDLE.get(key, [])
-        expired = [actor for actor, t in idle if t is token]
+        for actor in [actor for actor, t in idle if t is token]:
+            try:
+                ray.kill(actor)
+            except Exception:  # Ray may already be down (the driver is exiting)
+                pass
         _IDLE[key] = [(actor, t) for actor, t in idle if t is not token]
-    for actor in expired:
-        try:
-            ray.kill(actor)
-        except Exception:  # Ray may already be down (the driver is exiting)
-            pass
 
 
 def release_idle_actors() -> None:
